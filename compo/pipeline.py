@@ -1,0 +1,243 @@
+"""Orchestration: load -> normalise -> tokenize -> log-probs -> split -> train -> evaluate.
+
+Each command (split, train, zo, pipeline) is a thin function over the pure pieces; all of
+them read and write the same run directory (see compo/rundir.py).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compo.config import RunConfig, dump_config
+from compo.encode import EncodeResult, encode_rows, pad_id_of
+from compo.evaluate import preference_metrics
+from compo.logprobs import PairScores, score_pairs
+from compo.rows import PairRow, UnpairedRow
+from compo.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
+from compo.split import histogram, noisy_mask, summarize
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Workspace:
+    """What every stage needs: config, run directory, model, tokenizer, data."""
+
+    cfg: RunConfig
+    run: RunDir
+    model: torch.nn.Module
+    tokenizer: object
+    train: list
+    eval: list[PairRow]
+    kind: str
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id_of(self.tokenizer)
+
+    def encode(self, rows) -> EncodeResult:
+        return encode_rows(rows, self.tokenizer, self.cfg.data.max_length, self.cfg.data.max_prompt_length)
+
+
+def load_data(cfg: RunConfig) -> tuple[list, list[PairRow], str]:
+    """(training rows, held-out pairs, kind). Held-out pairs come from eval_path, a seeded
+    eval_fraction of the data, or, for the toy task, its gold-labelled held-out set."""
+    if cfg.data.path == "toy":
+        from compo import toy
+
+        train, held = toy.toy_dataset(cfg.data.toy, cfg.seed)
+        kind = "paired"
+    else:
+        from compo.data import load_rows
+
+        res = load_rows(cfg.data.path, kind=cfg.data.kind, rating_threshold=cfg.data.rating_threshold,
+                        on_invalid=cfg.data.on_invalid, split=cfg.data.split)
+        train, kind = list(res.rows), res.kind
+        if res.n_skipped:
+            say(f"data: skipped {res.n_skipped} invalid rows of {res.source}: {res.skipped}")
+        held = []
+        if cfg.data.eval_path:
+            ev = load_rows(cfg.data.eval_path, kind="paired", on_invalid=cfg.data.on_invalid, split=cfg.data.split)
+            held = list(ev.rows)
+        elif cfg.data.eval_fraction > 0 and kind == "paired":
+            order = list(range(len(train)))
+            random.Random(cfg.seed).shuffle(order)
+            k = int(len(train) * cfg.data.eval_fraction)
+            held_idx = set(order[:k])
+            held = [r for i, r in enumerate(train) if i in held_idx]
+            train = [r for i, r in enumerate(train) if i not in held_idx]
+    if cfg.data.limit:
+        train = train[: cfg.data.limit]
+    say(f"data: {len(train)} {kind} training rows, {len(held)} held-out pairs")
+    return train, held, kind
+
+
+def open_workspace(cfg: RunConfig) -> Workspace:
+    from compo.models import load_model
+
+    run = RunDir(cfg.run_dir)
+    atomic_write_text(run.config, dump_config(cfg))
+    train, held, kind = load_data(cfg)
+    model_cfg_toy = cfg.model.path == "toy"
+    model, tokenizer = load_model(cfg, run.reference if model_cfg_toy else None)
+    return Workspace(cfg, run, model, tokenizer, train, held, kind)
+
+
+def _prompt_json(prompt):
+    return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+# ---------------------------------------------------------------- split
+
+
+@dataclass
+class SplitResult:
+    rows: list[PairRow]  # the pairs that survived the length policy, in split.jsonl order
+    encoded: EncodeResult
+    scores: PairScores  # reference log-probs
+    noisy: torch.Tensor
+
+
+def run_split(ws: Workspace, resume: bool = False) -> SplitResult:
+    """Reference margins for every pair, the noisy mask, split.jsonl and the console summary."""
+    cfg, run = ws.cfg, ws.run
+    if ws.kind != "paired":
+        raise ValueError("the clean/noisy split needs paired data (chosen/rejected); stage1 KTO/BCO on unpaired data runs with split skipped")
+    enc = ws.encode(ws.train)
+    rows = [ws.train[it.index] for it in enc.items]
+    if resume and run.split.exists():
+        saved = read_jsonl(run.split)
+        if len(saved) == len(rows):
+            scores = PairScores(*(torch.tensor([r[k] for r in saved]) for k in
+                                  ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
+            noisy = torch.tensor([r["noisy"] for r in saved])
+            say(f"split: reusing {run.split} ({int(noisy.sum())} noisy of {len(saved)})")
+            return SplitResult(rows, enc, scores, noisy)
+    if enc.n_dropped:
+        say(f"split: dropped {enc.n_dropped} pairs whose prompt exceeds data.max_prompt_length={cfg.data.max_prompt_length}")
+    ref_model = ws.model
+    if cfg.split.reference:
+        from compo.models import load_pretrained
+
+        ref_model, _ = load_pretrained(cfg.split.reference, cfg)
+    scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs")
+    if ref_model is not ws.model:
+        del ref_model
+    margins = scores.chosen - scores.rejected
+    noisy = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile, cfg.split.require_positive)
+    write_jsonl(run.split, (
+        {"prompt": _prompt_json(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
+         "logp_chosen": float(scores.chosen[i]), "logp_rejected": float(scores.rejected[i]),
+         "chosen_tokens": int(scores.chosen_tokens[i]), "rejected_tokens": int(scores.rejected_tokens[i]),
+         "margin": float(margins[i]), "noisy": bool(noisy[i]), "source": r.source}
+        for i, r in enumerate(rows)
+    ))
+    stats = summarize(margins, noisy)
+    stats["n_dropped_long_prompt"] = enc.n_dropped
+    stats["n_truncated"] = enc.n_truncated
+    run.update_summary(**{k: stats[k] for k in ("n_pairs", "n_clean", "n_noisy")}, split=stats)
+    say(f"split: {stats['n_pairs']} pairs -> {stats['n_clean']} clean, {stats['n_noisy']} noisy "
+        f"(rule={cfg.split.rule}, delta={cfg.split.delta}); margin p10/p50/p90 = "
+        f"{stats['margin_p10']:.2f}/{stats['margin_p50']:.2f}/{stats['margin_p90']:.2f}")
+    say("reference margin histogram:\n" + histogram(margins))
+    return SplitResult(rows, enc, scores, noisy)
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -> dict:
+    """Stage 1 on the clean pairs (or all, per stage1.train_on); saves run_dir/model."""
+    from compo.stage1 import PAIRED_LOSSES, Stage1Data, paired_objective, train_stage1
+
+    cfg = ws.cfg
+    if cfg.stage1.loss not in PAIRED_LOSSES:
+        from compo.stage1_unpaired import run_unpaired_stage1
+
+        return run_unpaired_stage1(ws, split, resume)
+    if split is None:
+        raise ValueError(f"stage1.loss={cfg.stage1.loss} needs paired data and the split")
+    keep = torch.ones_like(split.noisy) if cfg.stage1.train_on == "all" else ~split.noisy
+    idx = keep.nonzero().flatten().tolist()
+    if not idx:
+        raise ValueError("no clean pairs to train on: lower split.delta or set stage1.train_on=all")
+    items = [split.encoded.items[i] for i in idx]
+    ref = torch.stack([split.scores.chosen[idx], split.scores.rejected[idx]], dim=1)
+    if cfg.split.reference:
+        ref_scores = score_pairs(ws.model, items, ws.pad_id, cfg.split.batch_size, desc="policy-reference log-probs")
+        ref = torch.stack([ref_scores.chosen, ref_scores.rejected], dim=1)
+    say(f"stage1: {cfg.stage1.loss} on {len(items)} {cfg.stage1.train_on} pairs")
+    t0 = time.time()
+    final = train_stage1(ws.model, ws.tokenizer, Stage1Data(items, ref), cfg, ws.run,
+                         paired_objective(cfg, ws.pad_id), resume=resume)
+    final["wall_s"] = round(time.time() - t0, 2)
+    ws.run.update_summary(stage1=final)
+    return final
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "") -> tuple[dict, PairScores | None]:
+    """Preference metrics of the current model on the held-out pairs."""
+    if not ws.eval:
+        return {}, None
+    enc = ws.encode(ws.eval)
+    scores = score_pairs(ws.model, enc.items, ws.pad_id, ws.cfg.split.batch_size, desc=f"eval {label}".strip())
+    return preference_metrics(scores, ref, ws.cfg.stage1.beta), scores
+
+
+def _fmt(m: dict, keys=("accuracy", "shift/chosen", "shift/rejected")) -> str:
+    return ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+
+
+def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
+    """split -> stage 1 -> stage 2 -> evaluation, all into cfg.run_dir; returns summary.json."""
+    t0 = time.time()
+    ws = open_workspace(cfg)
+    split = run_split(ws, resume) if ws.kind == "paired" else None
+    if split is None:
+        say("split: skipped (unpaired data has no chosen/rejected margin; see README 'Unpaired data')")
+    before, ref_eval = evaluate(ws, label="reference")
+    evals = {"reference": before}
+    if before:
+        say(f"eval reference: {_fmt(before)}")
+    if cfg.stage1.enabled:
+        run_stage1(ws, split, resume)
+        evals["stage1"], _ = evaluate(ws, ref_eval, "stage1")
+        say(f"eval after stage1: {_fmt(evals['stage1'])}")
+    if cfg.zo.enabled and split is not None:
+        from compo.zo.run import run_stage2
+
+        run_stage2(ws, split, resume)
+        evals["stage2"], _ = evaluate(ws, ref_eval, "stage2")
+        say(f"eval after stage2: {_fmt(evals['stage2'])}")
+    summary = ws.run.update_summary(eval=evals, wall_s=round(time.time() - t0, 2))
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    say("=" * 60)
+    say(f"run summary  (wall {summary.get('wall_s', 0):.1f} s)")
+    if "n_pairs" in summary:
+        say(f"  pairs: {summary['n_pairs']}  clean: {summary['n_clean']}  noisy: {summary['n_noisy']}")
+    if "stage1" in summary:
+        s = summary["stage1"]
+        keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "kl", "delta")
+        say("  stage1 final: " + ", ".join(f"{k}={s[k]:.4f}" for k in keys if k in s))
+    if "stage2" in summary:
+        s = summary["stage2"]
+        say("  stage2: " + ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, (dict, list))))
+    for name, m in summary.get("eval", {}).items():
+        if m:
+            say(f"  held-out after {name:9s}: {_fmt(m)}")
+    say("=" * 60)

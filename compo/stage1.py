@@ -1,0 +1,175 @@
+"""Stage 1: gradient training of the whole model on the clean rows (DPO family, KTO, BCO).
+
+The loop runs on `accelerate` (gradient accumulation, mixed precision, multi-GPU, saved
+state). Reference log-probs are precomputed, so only the policy is in memory. Metrics use
+TRL's names and go to ``metrics.jsonl`` and the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from compo.config import RunConfig
+from compo.encode import Encoded, collate
+from compo.logprobs import sequence_logps
+from compo.rundir import RunDir, atomic_save_dir, atomic_write_json
+
+PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
+
+
+@dataclass
+class Stage1Data:
+    """Encoded training rows with their precomputed reference log-probs.
+
+    Paired rows: ``ref`` is (N, 2) for (chosen, rejected). Unpaired rows: ``ref`` is (N, 1)
+    or (N, 2) with a mismatched-completion column for KTO, and ``labels`` holds thumbs-up.
+    """
+
+    items: list[Encoded]
+    ref: torch.Tensor
+    labels: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+Objective = Callable[[torch.nn.Module, list[Encoded], torch.Tensor, "Stage1Data", list[int]], tuple]
+
+
+def paired_objective(cfg: RunConfig, pad_id: int) -> Callable:
+    """DPO-family loss on a micro-batch: chosen and rejected scored in one forward."""
+    from compo.losses import dpo_loss
+
+    loss_type = PAIRED_LOSSES[cfg.stage1.loss]
+
+    def run(model, items, ref, _data, _idx):
+        device = next(model.parameters()).device
+        seqs = [(it.prompt, it.completions[0]) for it in items] + [(it.prompt, it.completions[1]) for it in items]
+        batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+        s = sequence_logps(model, **batch)
+        n = len(items)
+        ref = ref.to(device)
+        losses, metrics = dpo_loss(
+            s.logps[:n], s.logps[n:], ref[:, 0], ref[:, 1], beta=cfg.stage1.beta, loss_type=loss_type,
+            label_smoothing=cfg.stage1.label_smoothing, chosen_tokens=s.n_tokens[:n], rejected_tokens=s.n_tokens[n:],
+        )
+        return losses.mean(), metrics
+
+    return run
+
+
+def _as_float(v) -> float:
+    return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def step_schedule(n_rows: int, cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(rows per optimizer step across processes, total optimizer steps)."""
+    per_step = cfg.stage1.batch_size * cfg.stage1.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(n_rows / per_step))
+    total = cfg.stage1.max_steps or cfg.stage1.epochs * steps_per_epoch
+    return per_step, total
+
+
+def step_rows(step: int, n_rows: int, per_step: int, seed: int) -> list[int]:
+    """Row indices of one optimizer step: a seeded permutation per epoch.
+
+    Every step has exactly ``per_step`` rows (so every process runs the same number of
+    micro-batches); the last step of an epoch is topped up from the start of its order.
+    """
+    steps_per_epoch = max(1, math.ceil(n_rows / per_step))
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    idx = torch.arange(k * per_step, (k + 1) * per_step) % n_rows
+    return perm[idx].tolist()
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train_stage1(
+    model, tokenizer, data: Stage1Data, cfg: RunConfig, run: RunDir, objective: Callable,
+    resume: bool = False, hooks: dict | None = None, progress: bool = True,
+) -> dict:
+    """Train ``model`` in place; save it to ``run.model``; return the last step's metrics."""
+    hooks = hooks or {}
+    s1 = cfg.stage1
+    device = next(model.parameters()).device
+    accelerator = Accelerator(mixed_precision=s1.mixed_precision, cpu=device.type == "cpu")
+    set_seed(cfg.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s1.learning_rate, weight_decay=s1.weight_decay)
+    per_step, total = step_schedule(len(data.items), cfg, accelerator.num_processes)
+    warmup = int(s1.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: min(1.0, (t + 1) / warmup) if warmup else 1.0
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ckpt_root = run.checkpoints / "stage1"
+    start = 0
+    if resume and (last := _latest_checkpoint(ckpt_root)) is not None:
+        accelerator.load_state(str(last))
+        state = json.loads((last / "trainer_state.json").read_text())
+        start = state["step"]
+        if "state" in hooks and state.get("objective_state") is not None:
+            hooks["state"][1](state["objective_state"])
+        accelerator.print(f"stage1: resumed from {last} at step {start}/{total}")
+    metrics: dict = {}
+    bar = tqdm(range(start, total), desc="stage1", disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        rows = step_rows(step, len(data.items), per_step, cfg.seed)
+        mine = rows[accelerator.process_index :: accelerator.num_processes]
+        micro = [mine[i : i + s1.batch_size] for i in range(0, len(mine), s1.batch_size)]
+        sums: dict[str, float] = {}
+        for j, mb in enumerate(micro):
+            sync = accelerator.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                loss, m = objective(model, [data.items[i] for i in mb], data.ref[mb], data, mb)
+                accelerator.backward(loss / len(micro))
+            for k, v in {"loss": loss, **m}.items():
+                sums[k] = sums.get(k, 0.0) + _as_float(v) / len(micro)
+        accelerator.clip_grad_norm_(model.parameters(), s1.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if "after_step" in hooks:
+            hooks["after_step"]()
+        keys = sorted(sums)
+        reduced = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
+        metrics = {k: float(v) for k, v in zip(keys, reduced.tolist())}
+        metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) * per_step / len(data.items)})
+        if accelerator.is_main_process and ((step + 1) % s1.logging_steps == 0 or step + 1 == total):
+            run.log({"stage": "stage1", "step": step + 1, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+        if s1.save_steps and (step + 1) % s1.save_steps == 0 and step + 1 < total:
+            _save_checkpoint(accelerator, ckpt_root / f"step-{step + 1}", step + 1, hooks)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    if accelerator.is_main_process:
+        atomic_save_dir(run.model, lambda d: (unwrapped.save_pretrained(d), tokenizer.save_pretrained(d)))
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    return metrics
+
+
+def _save_checkpoint(accelerator: Accelerator, path: Path, step: int, hooks: dict) -> None:
+    def save(tmp: Path) -> None:
+        accelerator.save_state(str(tmp))
+        obj_state = hooks["state"][0]() if "state" in hooks else None
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, "objective_state": obj_state})
+
+    if accelerator.is_main_process:
+        atomic_save_dir(path, save)
+    accelerator.wait_for_everyone()

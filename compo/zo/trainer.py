@@ -1,0 +1,206 @@
+"""The ComPO loop: per step, cache the body's hidden states, vote on m perturbed heads in
+chunks, estimate a sparse normalised direction, skip on weak signal, update the fp32 master
+head; checkpoint atomically so a killed run resumes bit-identically."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from compo.config import ZOConfig
+from compo.models import untie_head
+from compo.rundir import RunDir, atomic_save_dir, atomic_write_json
+from compo.zo.estimator import normalise, proposed_head, skip_reason, sparsify
+from compo.zo.head import (
+    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, projection_basis,
+)
+from compo.zo.perturb import PerturbationSource
+from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
+
+CHECK_ATOL_PER_TOKEN = 2e-3
+
+
+class ZOTrainer:
+    """Stage 2 over a model whose body stays frozen; only the output layer moves."""
+
+    def __init__(self, model, cfg: ZOConfig, run_seed: int, oracle: Oracle, pad_id: int,
+                 accept_oracle: Oracle | None = None):
+        if cfg.estimator == "projected" and cfg.distribution != "gaussian":
+            raise ValueError("zo.estimator=projected needs zo.distribution=gaussian (the projection of a "
+                             "unit-sphere draw is not a unit-sphere draw)")
+        if cfg.estimator == "projected" and oracle.needs != Evidence.LOGPROBS:
+            raise ValueError("zo.estimator=projected is exact only for likelihood oracles on fixed pairs; "
+                             f"oracle '{oracle.name}' judges generated text: use zo.estimator=full")
+        self.model, self.cfg, self.seed, self.pad_id = model, cfg, run_seed, pad_id
+        self.oracle, self.accept_oracle = oracle, accept_oracle or oracle
+        self.untied = untie_head(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.head = model.get_output_embeddings()
+        self.w = self.head.weight.detach().float().clone()  # fp32 master copy (DESIGN.md §2)
+        self.checked = False
+
+    # ------------------------------------------------------------------ one step
+
+    def _batch(self, texts: Sequence, n: int, base: torch.Tensor, cand: torch.Tensor | None) -> OracleBatch:
+        b = len(texts)
+        return OracleBatch(
+            prompts=[r.prompt for r in texts], chosen=[r.chosen for r in texts], rejected=[r.rejected for r in texts],
+            n_candidates=n, base=SeqLogProbs(base[:b], base[b:]),
+            candidates=None if cand is None else SeqLogProbs(cand[:, :b], cand[:, b:]),
+        )
+
+    def _check_head(self, inp: HeadInputs, base_lp: torch.Tensor) -> None:
+        """The cached head must reproduce the model's own log-probs (no hidden logit post-processing)."""
+        n_tok = torch.bincount(inp.seq, minlength=inp.n_seq).float()
+        err = (base_lp - inp.forward_logps).abs() / n_tok.clamp(min=1)
+        if float(err.max()) > CHECK_ATOL_PER_TOKEN:
+            raise RuntimeError(
+                f"the output layer's input does not reproduce the model's log-probs (max per-token error "
+                f"{float(err.max()):.2e}); the model post-processes logits (soft-capping or scaling?), "
+                "which stage 2 does not support")
+        self.checked = True
+
+    @torch.no_grad()
+    def step(self, t: int, items: Sequence, texts: Sequence) -> dict:
+        """Run step ``t`` on encoded pairs ``items`` (texts: their PairRows). Returns the log record."""
+        cfg, device = self.cfg, self.w.device
+        if self.oracle.needs != Evidence.LOGPROBS or self.accept_oracle.needs != Evidence.LOGPROBS:
+            raise NotImplementedError("generation-based oracles need a GenerationOracle driver (not available yet)")
+        t0 = time.perf_counter()
+        inp = capture(self.model, items, self.pad_id)
+        base = base_logits(self.w, inp)
+        base_lp = logits_logps(base, inp)
+        if not self.checked:
+            self._check_head(inp, base_lp)
+        v, hdim = self.w.shape
+        if cfg.estimator == "projected":
+            q = projection_basis(inp.h)
+            hz, width = inp.h @ q, q.shape[1]
+        else:
+            q, hz, width = None, inp.h, hdim
+        source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device)
+        c = cfg.chunk_size or chunk_size(cfg.memory_budget_mb, v, width, inp.h.shape[0])
+        c = min(c, cfg.m)
+        buf = torch.empty((c, v, width), dtype=torch.float32, device=device)
+        u = torch.zeros((v, width), dtype=torch.float64, device=device)
+        votes = torch.empty(cfg.m, dtype=torch.int8)
+        t1 = time.perf_counter()
+        for start in range(0, cfg.m, c):
+            idx = range(start, min(cfg.m, start + c))
+            z = source.draw(t, idx, out=buf)
+            s = source.scales(z)
+            cand = candidate_logps(base, hz, z, s, inp)
+            y = self.oracle.compare(self._batch(texts, len(idx), base_lp, cand)).to(torch.int8).cpu()
+            votes[start : start + len(idx)] = y
+            coef = y.to(device=device, dtype=torch.float32) * (s / cfg.radius)
+            u += (coef @ z.flatten(1)).view(v, width).double()
+        t_perturb = time.perf_counter() - t1
+        n_minus = int((votes == BETTER).sum())
+        frac = n_minus / cfg.m
+        rec: dict = {"stage": "stage2", "step": t + 1, "n_minus": n_minus, "frac_minus": frac,
+                     "n_abstain": int((votes == 0).sum())}
+        reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
+        new_w = g_sparse = None
+        if reason is None:
+            g = normalise(u @ q.double().T if q is not None else u)
+            if g is None:
+                reason = "zero direction: the votes cancel exactly"
+            else:
+                g_sparse = sparsify(g, cfg.sparsity, cfg.lambda_g, cfg.rho)
+                new_w = proposed_head(self.w, g_sparse, cfg.gamma, frac)
+        if new_w is not None and cfg.acceptance_check:
+            after = head_logps(new_w, inp)
+            verdict = self.accept_oracle.compare(self._batch(texts, 1, base_lp, after[None]))
+            rec["accepted"] = bool(int(verdict[0]) == BETTER)
+            if not rec["accepted"]:
+                reason, new_w = "rejected by the acceptance check", None
+        after_lp = base_lp
+        if new_w is not None:
+            dtype = self.head.weight.dtype
+            rec["frac_changed"] = float((new_w.to(dtype) != self.w.to(dtype)).float().mean())
+            rec["frac_kept"] = float((g_sparse != 0).float().mean())
+            rec["update_norm"] = float(torch.linalg.vector_norm((new_w - self.w).double()))
+            self.w = new_w
+            self.head.weight.data.copy_(new_w.to(dtype))
+            after_lp = head_logps(self.w, inp)
+        else:
+            rec.update(frac_changed=0.0, frac_kept=0.0, update_norm=0.0)
+        rec["skipped"] = reason is not None
+        rec["skip_reason"] = reason
+        b = inp.n_pairs
+        rec["pairs"] = [
+            {"source": texts[j].source, "logp_chosen_before": float(base_lp[j]), "logp_rejected_before": float(base_lp[b + j]),
+             "logp_chosen_after": float(after_lp[j]), "logp_rejected_after": float(after_lp[b + j])}
+            for j in range(b)
+        ]
+        rec["wall_s"] = round(time.perf_counter() - t0, 4)
+        rec["perturbations_per_s"] = round(cfg.m / max(t_perturb, 1e-9), 2)
+        rec["chunk"] = c
+        rec.update({f"oracle/{k}": val for k, val in self.oracle.stats().items()})
+        return rec
+
+    # ------------------------------------------------------------------ the loop
+
+    def pairs_for_step(self, t: int, n: int) -> list[int]:
+        """Pair indices of step t: a seeded permutation of the noisy pairs per epoch."""
+        pps = self.cfg.pairs_per_step
+        per_epoch = max(1, math.ceil(n / pps))
+        epoch, k = divmod(t, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + 17 + epoch))
+        return perm[(torch.arange(k * pps, (k + 1) * pps) % n)].tolist()
+
+    def total_steps(self, n: int) -> int:
+        return self.cfg.max_steps or self.cfg.epochs * max(1, math.ceil(n / self.cfg.pairs_per_step))
+
+    def train(self, items: Sequence, texts: Sequence, run: RunDir, resume: bool = False,
+              callback: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
+        """All steps over the noisy pairs; checkpoints to run/checkpoints/zo; returns the totals."""
+        if not items:
+            raise ValueError("stage 2 has no noisy pairs to train on (see split counts; raise split.delta?)")
+        ckpt_dir = run.checkpoints / "zo"
+        total = self.total_steps(len(items))
+        totals = {"steps": 0, "steps_taken": 0, "steps_skipped": 0, "skip_reasons": {}, "sum_frac_minus": 0.0}
+        start = 0
+        if resume and (ckpt_dir / "state.json").exists():
+            state = json.loads((ckpt_dir / "state.json").read_text())
+            self.w = load_file(str(ckpt_dir / "head.safetensors"))["weight"].to(self.w.device)
+            self.head.weight.data.copy_(self.w.to(self.head.weight.dtype))
+            start, totals = state["step"], state["totals"]
+            print(f"stage2: resumed from {ckpt_dir} at step {start}/{total}", flush=True)
+        bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress)
+        for t in bar:
+            idx = self.pairs_for_step(t, len(items))
+            rec = self.step(t, [items[i] for i in idx], [texts[i] for i in idx])
+            run.log(rec)
+            totals["steps"] += 1
+            totals["sum_frac_minus"] += rec["frac_minus"]
+            if rec["skipped"]:
+                totals["steps_skipped"] += 1
+                key = rec["skip_reason"].split(":")[0]
+                totals["skip_reasons"][key] = totals["skip_reasons"].get(key, 0) + 1
+            else:
+                totals["steps_taken"] += 1
+            bar.set_postfix(n_minus=rec["n_minus"], taken=totals["steps_taken"], pps=rec["perturbations_per_s"])
+            if self.cfg.checkpoint_every and (t + 1) % self.cfg.checkpoint_every == 0 and t + 1 < total:
+                self.save_checkpoint(ckpt_dir, t + 1, totals)
+            if callback is not None:
+                callback(t + 1, rec)
+        return totals
+
+    def save_checkpoint(self, ckpt_dir: Path, step: int, totals: dict) -> None:
+        """Head (fp32 master), step, seed and totals, written as one directory swap."""
+
+        def save(tmp: Path) -> None:
+            save_file({"weight": self.w.contiguous().cpu()}, str(tmp / "head.safetensors"))
+            atomic_write_json(tmp / "state.json", {"step": step, "seed": self.seed, "totals": totals,
+                                                   "m": self.cfg.m, "radius": self.cfg.radius})
+
+        atomic_save_dir(ckpt_dir, save)

@@ -1,0 +1,33 @@
+"""Shared fixtures: the embedded toy model and tokenizer, built in-process (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compo import toy
+from compo.config import ToyDataConfig, ToyModelConfig
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    return toy.build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(toy_tokenizer):
+    """A random tiny Llama with a tied head (fresh per test: tests may modify it)."""
+    return toy.build_model(ToyModelConfig(hidden_size=32, num_layers=2, num_heads=4), len(toy_tokenizer), seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_reference():
+    """The SFT'd toy reference model of the quickstart (shared, treat as read-only)."""
+    torch.manual_seed(0)
+    return toy.build_reference(ToyModelConfig(sft_steps=60), ToyDataConfig(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_pairs():
+    train, held = toy.toy_dataset(ToyDataConfig(n_train=64, n_eval=32), seed=0)
+    return train, held
