@@ -18,8 +18,9 @@ from oracles.base import (
     register_oracle,
 )
 from oracles.likelihood import LikelihoodOracle
+from oracles.generation import GenerationOracle
 
 __all__ = [
     "ABSTAIN", "BETTER", "NOT_BETTER", "Evidence", "Oracle", "OracleBatch", "SeqLogProbs",
-    "aggregate", "available_oracles", "build_oracle", "register_oracle", "LikelihoodOracle",
+    "aggregate", "available_oracles", "build_oracle", "register_oracle", "LikelihoodOracle", "GenerationOracle",
 ]

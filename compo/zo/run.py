@@ -38,7 +38,7 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     print(f"stage2: ComPO on {len(idx)} noisy pairs (rule={cfg.zo.noisy_rule}), m={cfg.zo.m}, "
           f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}", flush=True)
     t0 = time.time()
-    trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept)
+    trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
     try:
         totals = trainer.train([split.encoded.items[i] for i in idx], [split.rows[i] for i in idx], ws.run, resume)
     finally:
@@ -51,6 +51,8 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
         "skip_reasons": totals["skip_reasons"], "mean_frac_minus": totals["sum_frac_minus"] / steps,
         "n_noisy_pairs": len(idx), "untied_head": trainer.untied, "wall_s": round(time.time() - t0, 2),
     }
+    if "stopped" in totals:
+        final["stopped"] = totals["stopped"]
     noisy_items = [split.encoded.items[i] for i in idx]
     after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after")
     before_c, before_r = split.scores.chosen[idx], split.scores.rejected[idx]

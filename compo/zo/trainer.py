@@ -23,6 +23,7 @@ from compo.zo.head import (
 )
 from compo.zo.perturb import PerturbationSource
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
+from oracles.judges.base import JudgeQuit
 
 CHECK_ATOL_PER_TOKEN = 2e-3
 
@@ -31,7 +32,7 @@ class ZOTrainer:
     """Stage 2 over a model whose body stays frozen; only the output layer moves."""
 
     def __init__(self, model, cfg: ZOConfig, run_seed: int, oracle: Oracle, pad_id: int,
-                 accept_oracle: Oracle | None = None):
+                 accept_oracle: Oracle | None = None, tokenizer=None):
         if cfg.estimator == "projected" and cfg.distribution != "gaussian":
             raise ValueError("zo.estimator=projected needs zo.distribution=gaussian (the projection of a "
                              "unit-sphere draw is not a unit-sphere draw)")
@@ -46,16 +47,41 @@ class ZOTrainer:
         self.head = model.get_output_embeddings()
         self.w = self.head.weight.detach().float().clone()  # fp32 master copy (DESIGN.md §2)
         self.checked = False
+        self.generator = None
+        gen_oracles = [o for o in (self.oracle, self.accept_oracle) if o.needs == Evidence.GENERATIONS]
+        if gen_oracles:
+            if tokenizer is None:
+                raise ValueError(f"oracle '{gen_oracles[0].name}' judges generated text: ZOTrainer needs the tokenizer")
+            from compo.zo.generate import GenerationSettings, HeadGenerator
+
+            o = gen_oracles[0]
+            settings = GenerationSettings(getattr(o, "max_new_tokens", 64), getattr(o, "do_sample", False),
+                                          getattr(o, "temperature", 1.0))
+            self.generator = HeadGenerator(model, tokenizer, settings, run_seed)
 
     # ------------------------------------------------------------------ one step
 
-    def _batch(self, texts: Sequence, n: int, base: torch.Tensor, cand: torch.Tensor | None) -> OracleBatch:
+    def _batch(self, texts: Sequence, n: int, base: torch.Tensor, cand: torch.Tensor | None,
+               generate=None, base_responses=None) -> OracleBatch:
         b = len(texts)
         return OracleBatch(
             prompts=[r.prompt for r in texts], chosen=[r.chosen for r in texts], rejected=[r.rejected for r in texts],
             n_candidates=n, base=SeqLogProbs(base[:b], base[b:]),
             candidates=None if cand is None else SeqLogProbs(cand[:, :b], cand[:, b:]),
+            generate=generate, extra={} if base_responses is None else {"base_responses": base_responses},
         )
+
+    def _ask(self, oracle: Oracle, t: int, items, texts, inp: HeadInputs, base: torch.Tensor, base_lp: torch.Tensor,
+             hz: torch.Tensor, z: torch.Tensor, s: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """One oracle call on candidates W + s_i z_i, computing only the evidence it needs."""
+        if oracle.needs == Evidence.LOGPROBS:
+            cand = candidate_logps(base, hz, z, s, inp)
+            return oracle.compare(self._batch(texts, len(indices), base_lp, cand))
+        prompts = [it.prompt for it in items]
+        if self._base_responses is None:
+            self._base_responses = self.generator.generate(prompts, self.w, step=t)[0]
+        gen = lambda: self.generator.generate(prompts, self.w, z, s, step=t, indices=indices)  # noqa: E731
+        return oracle.compare(self._batch(texts, len(indices), base_lp, None, gen, self._base_responses))
 
     def _check_head(self, inp: HeadInputs, base_lp: torch.Tensor) -> None:
         """The cached head must reproduce the model's own log-probs (no hidden logit post-processing)."""
@@ -72,9 +98,8 @@ class ZOTrainer:
     def step(self, t: int, items: Sequence, texts: Sequence) -> dict:
         """Run step ``t`` on encoded pairs ``items`` (texts: their PairRows). Returns the log record."""
         cfg, device = self.cfg, self.w.device
-        if self.oracle.needs != Evidence.LOGPROBS or self.accept_oracle.needs != Evidence.LOGPROBS:
-            raise NotImplementedError("generation-based oracles need a GenerationOracle driver (not available yet)")
         t0 = time.perf_counter()
+        self._base_responses = None  # generated once per step, on first need
         inp = capture(self.model, items, self.pad_id)
         base = base_logits(self.w, inp)
         base_lp = logits_logps(base, inp)
@@ -97,8 +122,7 @@ class ZOTrainer:
             idx = range(start, min(cfg.m, start + c))
             z = source.draw(t, idx, out=buf)
             s = source.scales(z)
-            cand = candidate_logps(base, hz, z, s, inp)
-            y = self.oracle.compare(self._batch(texts, len(idx), base_lp, cand)).to(torch.int8).cpu()
+            y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx)).to(torch.int8).cpu()
             votes[start : start + len(idx)] = y
             coef = y.to(device=device, dtype=torch.float32) * (s / cfg.radius)
             u += (coef @ z.flatten(1)).view(v, width).double()
@@ -117,8 +141,9 @@ class ZOTrainer:
                 g_sparse = sparsify(g, cfg.sparsity, cfg.lambda_g, cfg.rho)
                 new_w = proposed_head(self.w, g_sparse, cfg.gamma, frac)
         if new_w is not None and cfg.acceptance_check:
-            after = head_logps(new_w, inp)
-            verdict = self.accept_oracle.compare(self._batch(texts, 1, base_lp, after[None]))
+            step_dir = (new_w - self.w)[None]
+            verdict = self._ask(self.accept_oracle, t, items, texts, inp, base, base_lp, inp.h, step_dir,
+                                torch.ones(1, device=device), [-2])
             rec["accepted"] = bool(int(verdict[0]) == BETTER)
             if not rec["accepted"]:
                 reason, new_w = "rejected by the acceptance check", None
@@ -178,7 +203,13 @@ class ZOTrainer:
         bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress)
         for t in bar:
             idx = self.pairs_for_step(t, len(items))
-            rec = self.step(t, [items[i] for i in idx], [texts[i] for i in idx])
+            try:
+                rec = self.step(t, [items[i] for i in idx], [texts[i] for i in idx])
+            except JudgeQuit as e:
+                self.save_checkpoint(ckpt_dir, t, totals)
+                totals["stopped"] = f"{e}; stopped before step {t + 1}, --resume continues from there"
+                print(f"stage2: {totals['stopped']}", flush=True)
+                break
             run.log(rec)
             totals["steps"] += 1
             totals["sum_frac_minus"] += rec["frac_minus"]

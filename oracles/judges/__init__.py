@@ -1,0 +1,42 @@
+"""Pairwise judges: which of two responses to a prompt is better.
+
+Registered names: "openai", "anthropic" (LLM-as-a-judge over HTTP APIs), "reward_model" (a
+local sequence-classification reward model) and "human" (a person at the terminal). Others
+load through an entry point in group ``compo.judges`` or as ``module:Class``:
+``build_judge("openai", model="gpt-4o-mini", swap=True, cache_path="runs/judge.sqlite")``.
+"""
+
+from oracles.judges.base import (
+    STAT_KEYS,
+    VERDICTS,
+    Judgement,
+    JudgeError,
+    JudgeQuit,
+    PairwiseJudge,
+    Verdict,
+    available_judges,
+    build_judge,
+    combine_swapped,
+    flip,
+    register_judge,
+)
+from oracles.judges.cache import JudgeCache, request_key
+from oracles.judges.prompting import (
+    DEFAULT_TEMPLATE,
+    load_template,
+    parse_verdict,
+    render,
+    resolve_template,
+    validate_template,
+)
+from oracles.judges.api import AnthropicJudge, APIJudge, OpenAIJudge
+from oracles.judges.reward_model import RewardModelJudge
+from oracles.judges.human import HumanJudge
+
+__all__ = [
+    "STAT_KEYS", "VERDICTS", "Judgement", "JudgeError", "JudgeQuit", "PairwiseJudge", "Verdict",
+    "available_judges", "build_judge", "combine_swapped", "flip", "register_judge",
+    "JudgeCache", "request_key",
+    "DEFAULT_TEMPLATE", "load_template", "parse_verdict", "render", "resolve_template", "validate_template",
+    "APIJudge", "AnthropicJudge", "OpenAIJudge", "RewardModelJudge", "HumanJudge",
+]

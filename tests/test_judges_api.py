@@ -1,0 +1,472 @@
+"""API judges against local fake servers speaking the OpenAI and Anthropic wire formats.
+
+Every server here binds 127.0.0.1:0, is started and stopped by its test, and answers a
+bounded number of requests; the real ``openai`` / ``anthropic`` SDK clients reach it through
+``base_url``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+
+from oracles.judges import AnthropicJudge, JudgeCache, JudgeError, OpenAIJudge, build_judge
+from oracles.judges.api import _retry_after_seconds
+
+SECRET = "sk-test-SECRET-123"
+FLAVORS = ["openai", "anthropic"]
+
+
+@dataclass
+class Act:
+    """What the fake server does with one request."""
+
+    text: str | None = "Verdict: A"
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0
+    raw_body: bytes | None = None
+    die: bool = False
+    usage: tuple[int, int] = (10, 5)
+    error_message: str = "scripted error"
+
+
+def shown_texts(user_text: str) -> tuple[str, str]:
+    """The two responses, in the order the judge was shown them (default template)."""
+    m = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\nExplain", user_text, re.S)
+    assert m, user_text
+    return m.group(1), m.group(2)
+
+
+def fair(n: int, user_text: str) -> Act:
+    """A position-independent judge: the response containing 'good' wins."""
+    first, second = shown_texts(user_text)
+    if "good" in first and "good" not in second:
+        return Act("The first one is better.\nVerdict: A")
+    if "good" in second and "good" not in first:
+        return Act("**Verdict:** B")
+    return Act("Both are the same.\nVerdict: tie")
+
+
+class FakeLLM:
+    def __init__(self, flavor: str, behave: Callable[[int, str], Act] = fair):
+        self.flavor, self.behave = flavor, behave
+        self.lock = threading.Lock()
+        self.count = 0
+        self.times: list[float] = []
+        self.bodies: list[dict] = []
+        self.auth: list[str] = []
+        self.dead = False
+        self._stopped = False
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _abort(self):
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            def do_POST(self):
+                if fake.dead:
+                    return self._abort()
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                user_text = body["messages"][-1]["content"]
+                with fake.lock:
+                    fake.count += 1
+                    n = fake.count
+                    fake.times.append(time.monotonic())
+                    fake.bodies.append(body)
+                    fake.auth.append(f"{self.headers.get('authorization')} {self.headers.get('x-api-key')}")
+                act = fake.behave(n, user_text)
+                if act.die:
+                    fake.dead = True
+                    threading.Thread(target=fake.stop, daemon=True).start()
+                    return self._abort()
+                if act.delay:
+                    time.sleep(act.delay)
+                if act.raw_body is not None:
+                    payload = act.raw_body
+                elif act.status == 200:
+                    payload = json.dumps(fake.wire(body, act)).encode()
+                elif fake.flavor == "openai":
+                    payload = json.dumps({"error": {"message": act.error_message, "type": "x", "code": act.status}}).encode()
+                else:
+                    payload = json.dumps({"type": "error", "error": {"type": "x", "message": act.error_message}}).encode()
+                try:
+                    self.send_response(act.status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(payload)))
+                    for k, v in act.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def wire(self, body: dict, act: Act) -> dict:
+        i, o = act.usage
+        if self.flavor == "openai":
+            return {
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": act.text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o},
+            }
+        return {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [{"type": "text", "text": act.text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": i, "output_tokens": o},
+        }
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}" + ("/v1" if self.flavor == "openai" else "")
+
+    def stop(self) -> None:
+        with self.lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers: list[FakeLLM] = []
+
+    def start(flavor: str, behave: Callable[[int, str], Act] = fair) -> FakeLLM:
+        s = FakeLLM(flavor, behave)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("COMPO_TEST_KEY", SECRET)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def judges():
+    made = []
+
+    def make(flavor: str, server: FakeLLM, cache_path=None, **kw):
+        opts = dict(
+            base_url=server.base_url, api_key_env="COMPO_TEST_KEY", cache_path=cache_path, timeout=5,
+            max_retries=3, retry_initial=0.01, retry_max_wait=0.05,
+        )
+        opts.update(kw)
+        j = (OpenAIJudge if flavor == "openai" else AnthropicJudge)(model=f"{flavor}-judge", **opts)
+        made.append(j)
+        return j
+
+    yield make
+    for j in made:
+        j.close()
+
+
+P = ["Say something nice.", "Explain gravity.", "What is 2+2?", "Name a colour."]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_verdicts_and_request_shape(flavor, serve, judges, tmp_path):
+    srv = serve(flavor)
+    j = judges(flavor, srv, tmp_path / "c.sqlite")
+    out = j.judge(P[:3], ["a good reply", "a bad reply", "meh"], ["a bad reply", "a good reply", "meh too"])
+    assert [o.verdict for o in out] == ["A", "B", "tie"]
+    assert all(o.prob_a is None and "Verdict" in o.raw for o in out)
+    s = j.stats()
+    assert (s["calls"], s["cache_hits"], s["retries"], s["abstentions"], s["errors"]) == (3, 0, 0, 0, 0)
+    assert (s["input_tokens"], s["output_tokens"], s["budget_exhausted"]) == (30, 15, False)
+    assert j.stats()["calls"] == 0  # reset on read
+    assert srv.count == 3
+    body = srv.bodies[0]
+    assert body["model"] == f"{flavor}-judge"
+    if flavor == "openai":
+        assert body["temperature"] == 0.0 and body["max_completion_tokens"] == 1024
+    else:
+        assert body["max_tokens"] == 1024 and "temperature" not in body
+    assert all(SECRET in a for a in srv.auth)  # the key does reach the server
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_position_swap(flavor, serve, judges, tmp_path):
+    srv = serve(flavor)
+    j = judges(flavor, srv, tmp_path / "fair.sqlite", swap=True)
+    out = j.judge(P[:3], ["a good reply", "bad", "same"], ["bad", "a good reply", "same"])
+    assert [o.verdict for o in out] == ["A", "B", "tie"]
+    assert srv.count == 5  # the last pair's two orders are the same request: asked once
+    assert "[order B,A]" in out[0].raw
+    assert j.stats()["swap_disagreements"] == 0
+
+    biased = serve(flavor, lambda n, text: Act("Verdict: A"))  # always prefers the first shown
+    jb = judges(flavor, biased, tmp_path / "biased.sqlite", swap=True)
+    out = jb.judge(P[:2], ["a good reply", "bad"], ["bad", "a good reply"])
+    assert [o.verdict for o in out] == ["tie", "tie"]
+    assert biased.count == 4
+    assert jb.stats()["swap_disagreements"] == 2
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_429_honours_retry_after(flavor, serve, judges):
+    srv = serve(flavor, lambda n, t: Act(status=429, headers={"Retry-After": "1"}) if n == 1 else fair(n, t))
+    j = judges(flavor, srv)
+    t0 = time.monotonic()
+    out = j.judge(P[:1], ["good"], ["bad"])
+    elapsed = time.monotonic() - t0
+    assert out[0].verdict == "A"
+    s = j.stats()
+    assert s["retries"] == 1 and s["errors"] == 0 and s["calls"] == 1
+    assert srv.count == 2
+    gap = srv.times[1] - srv.times[0]
+    assert 0.95 <= gap < 2.0, gap  # backoff alone would have waited ~0.01 s
+    assert elapsed < 3.0
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_500_then_success(flavor, serve, judges):
+    srv = serve(flavor, lambda n, t: Act(status=500) if n == 1 else fair(n, t))
+    j = judges(flavor, srv)
+    assert j.judge(P[:1], ["bad"], ["good"])[0].verdict == "B"
+    s = j.stats()
+    assert (s["retries"], s["errors"], s["abstentions"]) == (1, 0, 0)
+    assert srv.count == 2
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_timeout_then_success(flavor, serve, judges):
+    srv = serve(flavor, lambda n, t: Act(delay=1.0) if n == 1 else fair(n, t))
+    j = judges(flavor, srv, timeout=0.3)
+    t0 = time.monotonic()
+    assert j.judge(P[:1], ["good"], ["bad"])[0].verdict == "A"
+    assert time.monotonic() - t0 < 0.95  # did not wait for the slow reply
+    s = j.stats()
+    assert (s["retries"], s["errors"]) == (1, 0)
+    assert srv.count == 2
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("body", [b"this is not json {", b'{"hello": 1}'])
+def test_malformed_body_abstains_without_retry_or_cache(flavor, body, serve, judges, tmp_path):
+    # Decision: a 2xx whose body is not a usable completion abstains at once (it may have
+    # been billed, so no retry), counts as "malformed", and is not cached (a later run asks again).
+    srv = serve(flavor, lambda n, t: Act(raw_body=body))
+    j = judges(flavor, srv, tmp_path / "c.sqlite")
+    out = j.judge(P[:1], ["good"], ["bad"])
+    assert out[0].verdict == "abstain" and out[0].raw is None
+    s = j.stats()
+    assert (s["malformed"], s["abstentions"], s["retries"], s["calls"], s["errors"]) == (1, 1, 0, 1, 0)
+    assert srv.count == 1 and len(j.cache) == 0
+    j.judge(P[:1], ["good"], ["bad"])
+    assert srv.count == 2
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_reply_without_verdict_abstains_and_is_cached(flavor, serve, judges, tmp_path):
+    srv = serve(flavor, lambda n, t: Act("I really cannot decide between these."))
+    j = judges(flavor, srv, tmp_path / "c.sqlite")
+    out = j.judge(P[:1], ["good"], ["bad"])
+    assert out[0].verdict == "abstain" and "cannot decide" in out[0].raw
+    s = j.stats()
+    assert (s["no_verdict"], s["abstentions"], s["errors"], s["calls"]) == (1, 1, 0, 1)
+    again = j.judge(P[:1], ["good"], ["bad"])  # paid for: served from the cache
+    assert again[0].verdict == "abstain" and srv.count == 1
+    assert j.stats()["cache_hits"] == 1
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_call_budget(flavor, serve, judges, tmp_path):
+    srv = serve(flavor)
+    j = judges(flavor, srv, tmp_path / "c.sqlite", max_calls=2, max_concurrency=1)
+    out = j.judge(P, ["good"] * 4, ["bad"] * 4)
+    assert [o.verdict for o in out] == ["A", "A", "abstain", "abstain"]
+    s = j.stats()
+    assert s["budget_exhausted"] is True and s["calls"] == 2 and s["abstentions"] == 2 and s["budget_skipped"] == 2
+    assert srv.count == 2
+    # cache hits cost nothing: the answered pairs are still served once the budget is spent
+    assert [o.verdict for o in j.judge(P[:2], ["good"] * 2, ["bad"] * 2)] == ["A", "A"]
+    assert srv.count == 2 and j.stats()["budget_exhausted"] is True
+
+
+def test_token_budget(serve, judges):
+    srv = serve("openai")
+    j = judges("openai", srv, max_tokens_total=20, max_concurrency=1)  # 15 tokens per reply
+    out = j.judge(P, ["good"] * 4, ["bad"] * 4)
+    assert [o.verdict for o in out] == ["A", "A", "abstain", "abstain"]
+    assert srv.count == 2 and j.budget_spent() == {"calls": 2, "tokens": 30}
+    assert j.stats()["budget_exhausted"] is True
+    j.reset_budget()
+    assert j.stats()["budget_exhausted"] is False
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_second_run_is_served_from_cache(flavor, serve, judges, tmp_path):
+    srv = serve(flavor)
+    prompts, a, b = P + P[:1], ["good", "bad", "x", "good", "good"], ["bad", "good", "y", "bad", "bad"]
+    first = judges(flavor, srv, tmp_path / "c.sqlite", swap=True).judge(prompts, a, b)
+    assert srv.count == 8  # 4 distinct pairs x 2 orders; the repeated pair is not asked again
+    j2 = judges(flavor, srv, tmp_path / "c.sqlite", swap=True)
+    second = j2.judge(prompts, a, b)
+    assert srv.count == 8  # nothing new was sent
+    assert [o.verdict for o in second] == [o.verdict for o in first] == ["A", "B", "tie", "A", "A"]
+    s = j2.stats()
+    assert (s["calls"], s["cache_hits"], s["input_tokens"]) == (0, 8, 0)
+    # a different model is a different cache key
+    j3 = judges(flavor, srv, tmp_path / "c.sqlite")
+    j3.model = "another-model"
+    j3.judge(P[:1], ["good"], ["bad"])
+    assert srv.count == 9
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_api_key_never_leaks(flavor, serve, judges, tmp_path, caplog, tmp_path_factory):
+    def echo(n, text):
+        if n == 1:
+            return Act(status=500, error_message=f"bad key {SECRET}")
+        return Act(f"You sent {SECRET}.\nVerdict: A")
+
+    srv = serve(flavor, echo)
+    caplog.set_level(logging.DEBUG)
+    run_dir = tmp_path / "run"
+    j = judges(flavor, srv, run_dir / "cache.sqlite")
+    out = j.judge(P[:2], ["good", "bad"], ["bad", "good"])
+    assert [o.verdict for o in out] == ["A", "A"]
+    assert all(SECRET in a for a in srv.auth)
+    assert SECRET not in repr(j) and SECRET not in str(j)
+    assert all(SECRET not in (o.raw or "") for o in out)
+    assert "***" in out[0].raw
+
+    def scan():
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert files and any(p.name == "cache.sqlite" for p in files)
+        for p in files:
+            assert SECRET.encode() not in p.read_bytes(), p
+
+    scan()  # while open (WAL files present) ...
+    j.close()
+    scan()  # ... and after the checkpoint on close
+    assert SECRET not in caplog.text
+    with pytest.raises(TypeError):
+        __import__("pickle").dumps(j)
+
+    # the key file variant: read from a file outside the run directory
+    key_file = tmp_path_factory.mktemp("secrets") / "key.txt"
+    key_file.write_text(SECRET + "\n")
+    srv2 = serve(flavor)
+    j2 = judges(flavor, srv2, api_key_env=None, api_key_file=key_file)
+    assert j2.judge(P[:1], ["good"], ["bad"])[0].verdict == "A"
+    assert all(SECRET in a for a in srv2.auth) and SECRET not in repr(j2)
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("COMPO_NO_SUCH_KEY", raising=False)
+    with pytest.raises(JudgeError, match="COMPO_NO_SUCH_KEY"):
+        OpenAIJudge("gpt-x", api_key_env="COMPO_NO_SUCH_KEY")
+    with pytest.raises(JudgeError, match="empty"):
+        AnthropicJudge("claude-x", api_key_file=__import__("os").devnull)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_server_dies_halfway(flavor, serve, judges, tmp_path):
+    srv = serve(flavor, lambda n, t: Act(die=True) if n == 4 else fair(n, t))
+    cache_path = tmp_path / "c.sqlite"
+    prompts = [f"question {i}" for i in range(6)]
+    a, b = ["good"] * 6, ["bad"] * 6
+    j = judges(flavor, srv, cache_path, max_concurrency=2, max_retries=2)
+    t0 = time.monotonic()
+    out = j.judge(prompts, a, b)
+    assert time.monotonic() - t0 < 5
+    answered = [i for i, o in enumerate(out) if o.verdict != "abstain"]
+    assert len(answered) == 3 and all(out[i].verdict == "A" for i in answered)
+    s = j.stats()
+    assert (s["abstentions"], s["errors"], s["calls"]) == (3, 3, 6)
+    assert s["retries"] == 3 * 2
+    keys = {j._key(prompts[i], a[i], b[i]) for i in answered}
+    j.close()
+    with JudgeCache(cache_path) as cache:  # reopened: every answer received before the death
+        assert {r["key"] for r in cache.rows()} == keys
+        assert all(r["verdict"] == "A" for r in cache.rows())
+    # resume against a new server: only the missing three are asked
+    srv2 = serve(flavor)
+    j2 = judges(flavor, srv2, cache_path)
+    assert [o.verdict for o in j2.judge(prompts, a, b)] == ["A"] * 6
+    assert srv2.count == 3 and j2.stats()["cache_hits"] == 3
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_config_errors_fail_fast_other_4xx_abstain(flavor, serve, judges):
+    srv = serve(flavor, lambda n, t: Act(status=401, error_message=f"invalid key {SECRET}"))
+    j = judges(flavor, srv, max_concurrency=1)
+    with pytest.raises(JudgeError, match="401") as info:
+        j.judge(P, ["good"] * 4, ["bad"] * 4)
+    assert SECRET not in str(info.value)
+    assert srv.count == 1  # no new request after the first 401
+    bad = serve(flavor, lambda n, t: Act(status=400))
+    jb = judges(flavor, bad)
+    assert jb.judge(P[:1], ["good"], ["bad"])[0].verdict == "abstain"
+    s = jb.stats()
+    assert (s["errors"], s["retries"], s["abstentions"]) == (1, 0, 1)
+
+
+def test_sync_judge_inside_a_running_loop_and_ajudge(serve, judges):
+    srv = serve("openai")
+    j = judges("openai", srv)
+
+    async def main():
+        sync = j.judge(P[:1], ["good"], ["bad"])  # called while this loop is running
+        asyncr = await j.ajudge(P[1:2], ["bad"], ["good"])
+        return sync[0].verdict, asyncr[0].verdict
+
+    assert asyncio.run(main()) == ("A", "B")
+    assert j.judge([], [], []) == []
+
+
+def test_build_judge_by_name(serve):
+    srv = serve("openai")
+    j = build_judge("openai", model="m", base_url=srv.base_url, api_key_env="COMPO_TEST_KEY")
+    try:
+        assert isinstance(j, OpenAIJudge) and j.judge(P[:1], ["good"], ["bad"])[0].verdict == "A"
+    finally:
+        j.close()
+
+
+def test_retry_after_parsing():
+    def exc(headers):
+        return SimpleNamespace(response=SimpleNamespace(headers=headers))
+
+    assert _retry_after_seconds(exc({"retry-after": "2"})) == 2.0
+    assert _retry_after_seconds(exc({"retry-after-ms": "250"})) == 0.25
+    date = __import__("email.utils").utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < _retry_after_seconds(exc({"retry-after": date})) <= 31
+    assert _retry_after_seconds(exc({"retry-after": "soon"})) is None
+    assert _retry_after_seconds(exc({})) is None
+    assert _retry_after_seconds(ValueError("no response")) is None
