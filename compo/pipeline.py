@@ -163,7 +163,8 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
 
         return run_unpaired_stage1(ws, split, resume)
     if split is None:
-        raise ValueError(f"stage1.loss={cfg.stage1.loss} needs paired data and the split")
+        raise ValueError(f"stage1.loss={cfg.stage1.loss} needs paired data (prompt/chosen/rejected); this data has "
+                         "unpaired rows (prompt/completion/label): use stage1.loss=kto or stage1.loss=bco")
     keep = torch.ones_like(split.noisy) if cfg.stage1.train_on == "all" else ~split.noisy
     idx = keep.nonzero().flatten().tolist()
     if not idx:

@@ -9,10 +9,10 @@ import torch
 
 def normalise(u: torch.Tensor) -> torch.Tensor | None:
     """g = u / ||u||_2, or None when u is zero (no usable direction)."""
-    norm = torch.linalg.vector_norm(u.double())
+    norm = torch.linalg.vector_norm(u, dtype=torch.float64)
     if norm == 0 or not torch.isfinite(norm):
         return None
-    return (u.double() / norm).to(torch.float32)
+    return u / norm.to(u.dtype)
 
 
 def sparsify(g: torch.Tensor, rule: str = "absolute", lambda_g: float = 2.2e-4, rho: float = 0.01) -> torch.Tensor:

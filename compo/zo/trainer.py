@@ -115,7 +115,7 @@ class ZOTrainer:
         c = cfg.chunk_size or chunk_size(cfg.memory_budget_mb, v, width, inp.h.shape[0])
         c = min(c, cfg.m)
         buf = torch.empty((c, v, width), dtype=torch.float32, device=device)
-        u = torch.zeros((v, width), dtype=torch.float64, device=device)
+        u = torch.zeros((v, width), dtype=torch.float32, device=device)  # sum_i y_i z_i, fp32
         votes = torch.empty(cfg.m, dtype=torch.int8)
         t1 = time.perf_counter()
         for start in range(0, cfg.m, c):
@@ -125,7 +125,7 @@ class ZOTrainer:
             y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx)).to(torch.int8).cpu()
             votes[start : start + len(idx)] = y
             coef = y.to(device=device, dtype=torch.float32) * (s / cfg.radius)
-            u += (coef @ z.flatten(1)).view(v, width).double()
+            u.view(1, -1).addmm_(coef[None], z.flatten(1))
         t_perturb = time.perf_counter() - t1
         n_minus = int((votes == BETTER).sum())
         frac = n_minus / cfg.m
@@ -134,7 +134,7 @@ class ZOTrainer:
         reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
         new_w = g_sparse = None
         if reason is None:
-            g = normalise(u @ q.double().T if q is not None else u)
+            g = normalise(u @ q.T if q is not None else u)
             if g is None:
                 reason = "zero direction: the votes cancel exactly"
             else:

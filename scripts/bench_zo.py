@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Seconds per perturbation of ComPO stage 2: the official procedure vs compo vs the floor.
+
+All three are measured in one run, on one preference pair, on the same (untied) model:
+
+* ``reference_s``: the official code's per-perturbation procedure re-expressed: a float64
+  NumPy draw of V*H numbers, a copy to torch (the model's dtype and device), one full-model
+  forward with the unperturbed head and one with the head perturbed by r*z written into
+  ``lm_head.weight`` (restored after), scoring the chosen and rejected log-probs.
+* ``compo_full_s`` / ``compo_projected_s``: ``ZOTrainer.step`` (likelihood oracle, m
+  perturbations, chunk from the memory budget) divided by m: the whole step amortised
+  (hidden-state capture, all chunks, estimator, update). ``skip_threshold`` is 0 so every
+  timed step goes through the update; the head is restored after each step.
+* ``floor_s``: one ``torch.randn`` V x H fp32 draw plus one head matmul h z^T over the pair's
+  scored tokens, log-softmax over V and gather (``compo.zo.head.candidate_logps``), per
+  perturbation.
+
+Prints one JSON object on stdout (progress on stderr).
+
+    python scripts/bench_zo.py                                   # embedded toy model, one toy pair
+    python scripts/bench_zo.py --model .models/smollm2-135m \\
+        --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load(args, device):
+    """(model, tokenizer, name, pair row) on ``device``, fp32, head untied."""
+    from compo.config import ToyDataConfig, ToyModelConfig
+    from compo.encode import pad_id_of
+    from compo.models import untie_head
+
+    if args.model == "toy":
+        from compo import toy
+
+        log("building the embedded toy reference model ...")
+        model, tok = toy.build_reference(ToyModelConfig(), ToyDataConfig(), args.seed)
+        name = "toy"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log(f"loading {args.model} ...")
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        name = str(args.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = model.to(device).eval()
+    untie_head(model)  # as ZOTrainer does: perturbing a tied head would change the body's inputs
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if args.data is None:
+        if args.model != "toy":
+            raise SystemExit("--model other than toy needs --data FILE (a paired data file)")
+        from compo import toy
+
+        rows = toy.make_pairs(args.pair_index + 1, ToyDataConfig(), args.seed + 2, 0.0)
+    else:
+        from compo.data import load_rows
+
+        res = load_rows(args.data, on_invalid="skip")
+        if res.kind != "paired":
+            raise SystemExit(f"{args.data}: needs paired rows, found {res.kind}")
+        rows = res.rows
+    if not 0 <= args.pair_index < len(rows):
+        raise SystemExit(f"--pair-index {args.pair_index} out of range (0..{len(rows) - 1})")
+    return model, tok, name, rows[args.pair_index], pad_id_of(tok)
+
+
+def reference_per_perturbation(model, batch, radius: float, reps: int, seed: int, device) -> float:
+    """The official per-perturbation procedure; seconds per perturbation over ``reps`` (after one warm-up)."""
+    from compo.logprobs import sequence_logps
+    from oracles.likelihood import likelihood_votes
+
+    head = model.get_output_embeddings()
+    v, hdim = head.weight.shape
+    saved = head.weight.detach().clone()
+
+    def one(i: int) -> None:
+        rng = np.random.default_rng([seed, i + 1])
+        z_np = rng.standard_normal((v, hdim))  # float64 on the CPU, as the official code
+        z = torch.from_numpy(z_np).to(device=device, dtype=head.weight.dtype)
+        base = sequence_logps(model, **batch).logps  # forward 1: unperturbed (same every time)
+        head.weight.data.add_(z, alpha=radius)
+        try:
+            cand = sequence_logps(model, **batch).logps  # forward 2: perturbed head
+        finally:
+            head.weight.data.copy_(saved)
+        likelihood_votes(base[:1], base[1:], cand[None, :1], cand[None, 1:])
+        sync(device)
+
+    with torch.no_grad():
+        one(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(reps):
+            one(i)
+        return (time.perf_counter() - t0) / reps
+
+
+def compo_per_perturbation(model, item, row, pad_id, cfg, steps: int, seed: int, device) -> tuple[float, dict]:
+    """ZOTrainer.step wall time / m (after one warm-up step); also the last step's record."""
+    from compo.zo.trainer import ZOTrainer
+    from oracles.likelihood import LikelihoodOracle
+
+    trainer = ZOTrainer(model, cfg, seed, LikelihoodOracle(), pad_id)
+    head = trainer.head
+    w0, head0 = trainer.w.clone(), head.weight.detach().clone()
+
+    def restore() -> None:
+        trainer.w = w0.clone()
+        head.weight.data.copy_(head0)
+
+    rec = trainer.step(0, [item], [row])
+    restore()
+    sync(device)
+    times = []
+    for s in range(steps):
+        t0 = time.perf_counter()
+        rec = trainer.step(1 + s, [item], [row])
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        restore()
+    return min(times) / cfg.m, rec
+
+
+def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device) -> tuple[float, int]:
+    """randn(V, H) + h z^T + log-softmax + gather per perturbation (base logits once, outside)."""
+    from compo.zo.head import base_logits, candidate_logps, capture
+
+    with torch.no_grad():
+        inp = capture(model, [item], pad_id)
+        w = model.get_output_embeddings().weight.detach().float()
+        base = base_logits(w, inp)
+        v, hdim = w.shape
+        gen = torch.Generator(device=device).manual_seed(seed)
+        z = torch.empty((1, v, hdim), dtype=torch.float32, device=device)
+        scales = torch.full((1,), radius, device=device)
+
+        def one() -> None:
+            torch.randn((v, hdim), generator=gen, out=z[0])
+            candidate_logps(base, inp.h, z, scales, inp)
+            sync(device)
+
+        one()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            one()
+        return (time.perf_counter() - t0) / reps, int(inp.h.shape[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy", help="'toy' (default) or a saved causal-LM directory")
+    ap.add_argument("--data", default=None, help="paired data file (default: a generated toy pair)")
+    ap.add_argument("--pair-index", type=int, default=0, help="which pair of --data (after skipping invalid rows)")
+    ap.add_argument("--m", type=int, default=64, help="perturbations per timed compo step")
+    ap.add_argument("--steps", type=int, default=1, help="timed compo steps per estimator (min is reported)")
+    ap.add_argument("--ref-reps", type=int, default=3, help="reference perturbations to time")
+    ap.add_argument("--floor-reps", type=int, default=10, help="floor perturbations to time")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-prompt-length", type=int, default=256)
+    ap.add_argument("--memory-budget-mb", type=int, default=None, help="ZOConfig.memory_budget_mb (default: its default)")
+    ap.add_argument("--radius", type=float, default=5e-4)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
+    args = ap.parse_args(argv)
+
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # only the JSON goes to stdout
+        from compo.config import ZOConfig
+        from compo.encode import collate, encode_rows
+        from compo.models import resolve_device
+
+        device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        model, tok, name, row, pad_id = load(args, device)
+        enc = encode_rows([row], tok, args.max_length, args.max_prompt_length)
+        if not enc.items:
+            raise SystemExit(f"pair {args.pair_index}: prompt longer than --max-prompt-length {args.max_prompt_length}")
+        item = enc.items[0]
+        seqs = [(item.prompt, item.completions[0]), (item.prompt, item.completions[1])]
+        batch = {k: t.to(device) for k, t in collate(seqs, pad_id).items()}
+        v, hdim = model.get_output_embeddings().weight.shape
+        log(f"model={name} V={v} H={hdim} prompt={len(item.prompt)} tokens, completions="
+            f"{[len(c) for c in item.completions]} tokens, device={device}, threads={torch.get_num_threads()}")
+
+        log("floor ...")
+        floor_s, n_tok = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed, device)
+        log(f"  floor_s={floor_s:.4f}")
+
+        extra = {} if args.memory_budget_mb is None else {"memory_budget_mb": args.memory_budget_mb}
+        common = dict(m=args.m, radius=args.radius, skip_threshold=0.0, checkpoint_every=0, **extra)
+        log(f"compo full (m={args.m}) ...")
+        full_s, rec_full = compo_per_perturbation(
+            model, item, row, pad_id, ZOConfig(estimator="full", **common), args.steps, args.seed, device)
+        log(f"  compo_full_s={full_s:.4f} (chunk {rec_full['chunk']})")
+        log(f"compo projected (m={args.m}) ...")
+        proj_s, rec_proj = compo_per_perturbation(
+            model, item, row, pad_id,
+            ZOConfig(estimator="projected", distribution="gaussian", sparsity="top_fraction", **common),
+            args.steps, args.seed, device)
+        log(f"  compo_projected_s={proj_s:.5f} (chunk {rec_proj['chunk']})")
+
+        ref_s = None
+        if not args.skip_reference:
+            log(f"reference ({args.ref_reps} perturbations) ...")
+            ref_s = reference_per_perturbation(model, batch, args.radius, args.ref_reps, args.seed, device)
+            log(f"  reference_s={ref_s:.4f}")
+
+    out = {
+        "model": name,
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "threads": torch.get_num_threads(),
+        "V": int(v),
+        "H": int(hdim),
+        "prompt_tokens": len(item.prompt),
+        "completion_tokens": n_tok,
+        "m": args.m,
+        "reference_s": ref_s,
+        "compo_full_s": full_s,
+        "compo_projected_s": proj_s,
+        "floor_s": floor_s,
+        "speedup_vs_reference": None if ref_s is None else ref_s / full_s,
+        "ratio_to_floor": full_s / floor_s,
+        "chunk_full": rec_full["chunk"],
+        "chunk_projected": rec_proj["chunk"],
+        "compo_full_loop_s": 1.0 / rec_full["perturbations_per_s"],
+        "compo_projected_loop_s": 1.0 / rec_proj["perturbations_per_s"],
+    }
+    print(json.dumps(out), file=real_stdout, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
