@@ -227,7 +227,7 @@ def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
 
 def print_summary(summary: dict) -> None:
     say("=" * 60)
-    say(f"run summary  (wall {summary.get('wall_s', 0):.1f} s)")
+    say("run summary" + (f"  (wall {summary['wall_s']:.1f} s)" if "wall_s" in summary else ""))
     if "n_pairs" in summary:
         say(f"  pairs: {summary['n_pairs']}  clean: {summary['n_clean']}  noisy: {summary['n_noisy']}")
     if "stage1" in summary:
