@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 import textwrap
 
@@ -74,8 +74,6 @@ def resolve(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `compo config --list | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -87,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compo: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
-        if args.list:
-            print(config_epilog(tuple(RunConfig.model_fields)))
-        else:
-            print(dump_config(cfg), end="")
+        text = config_epilog(tuple(RunConfig.model_fields)) + "\n" if args.list else dump_config(cfg)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `compo config --list | head`: the reader left; end quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from compo import pipeline as pl
 

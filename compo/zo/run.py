@@ -37,6 +37,8 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     accept = build_oracle(cfg.zo.accept_oracle.name, **cfg.zo.accept_oracle.options) if cfg.zo.accept_oracle else None
     print(f"stage2: ComPO on {len(idx)} noisy pairs (rule={cfg.zo.noisy_rule}), m={cfg.zo.m}, "
           f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}", flush=True)
+    noisy_items = [split.encoded.items[i] for i in idx]
+    before = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs before")
     t0 = time.time()
     trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
     try:
@@ -53,11 +55,12 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     }
     if "stopped" in totals:
         final["stopped"] = totals["stopped"]
-    noisy_items = [split.encoded.items[i] for i in idx]
     after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after")
-    before_c, before_r = split.scores.chosen[idx], split.scores.rejected[idx]
-    final["noisy/shift_chosen_vs_reference"] = float((after.chosen - before_c).mean())
-    final["noisy/shift_rejected_vs_reference"] = float((after.rejected - before_r).mean())
+    # the likelihood-displacement signal of stage 2 itself: chosen should rise, rejected fall
+    final["noisy/shift_chosen"] = float((after.chosen - before.chosen).mean())
+    final["noisy/shift_rejected"] = float((after.rejected - before.rejected).mean())
+    final["noisy/frac_chosen_up"] = float((after.chosen > before.chosen).float().mean())
+    final["noisy/frac_rejected_down"] = float((after.rejected < before.rejected).float().mean())
     model, tok = ws.model, ws.tokenizer
     atomic_save_dir(ws.run.model, lambda d: (model.save_pretrained(d), tok.save_pretrained(d),
                                              save_file({"weight": trainer.w.contiguous().cpu()}, str(d / "zo_head_fp32.safetensors"))))
