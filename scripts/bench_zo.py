@@ -190,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--radius", type=float, default=5e-4)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # only the JSON goes to stdout
         from compo.config import ZOConfig

@@ -28,8 +28,23 @@ def select_noisy(ws, split) -> list[int]:
     return mask.nonzero().flatten().tolist()
 
 
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def run_stage2(ws, split, resume: bool = False) -> dict:
-    from compo.zo.trainer import ZOTrainer
+    """Stage 2 on the noisy pairs of ``split``; under torchrun the m perturbations of each step
+    are shared out across processes and only votes travel (the result does not depend on the
+    number of processes)."""
+    from compo.zo.trainer import ZOTrainer, world_info
+
+    init_distributed()
 
     cfg = ws.cfg
     idx = select_noisy(ws, split)
@@ -61,6 +76,8 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     final["noisy/shift_rejected"] = float((after.rejected - before.rejected).mean())
     final["noisy/frac_chosen_up"] = float((after.chosen > before.chosen).float().mean())
     final["noisy/frac_rejected_down"] = float((after.rejected < before.rejected).float().mean())
+    if world_info()[1] != 0:
+        return final
     model, tok = ws.model, ws.tokenizer
     atomic_save_dir(ws.run.model, lambda d: (model.save_pretrained(d), tok.save_pretrained(d),
                                              save_file({"weight": trainer.w.contiguous().cpu()}, str(d / "zo_head_fp32.safetensors"))))

@@ -28,6 +28,40 @@ from oracles.judges.base import JudgeQuit
 CHECK_ATOL_PER_TOKEN = 2e-3
 
 
+def world_info() -> tuple[int, int]:
+    """(world size, rank) of torch.distributed, or (1, 0) when it is not running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_votes(votes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank filled its own chunks (zeros elsewhere): a sum gives all votes everywhere."""
+    import torch.distributed as dist
+
+    buf = votes.to(device=_comm_device(device), dtype=torch.int32)
+    dist.all_reduce(buf)
+    return buf.to(device="cpu", dtype=torch.int8)
+
+
+def broadcast_votes(votes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if world_info()[0] == 1:
+        return votes
+    buf = votes.to(device=_comm_device(device), dtype=torch.int32)
+    dist.broadcast(buf, src=0)
+    return buf.to(device="cpu", dtype=torch.int8)
+
+
 class ZOTrainer:
     """Stage 2 over a model whose body stays frozen; only the output layer moves."""
 
@@ -116,16 +150,31 @@ class ZOTrainer:
         c = min(c, cfg.m)
         buf = torch.empty((c, v, width), dtype=torch.float32, device=device)
         u = torch.zeros((v, width), dtype=torch.float32, device=device)  # sum_i y_i z_i, fp32
-        votes = torch.empty(cfg.m, dtype=torch.int8)
+        votes = torch.zeros(cfg.m, dtype=torch.int8)
+        chunks = [range(a, min(cfg.m, a + c)) for a in range(0, cfg.m, c)]
+        world, rank = world_info()
+
+        def accumulate(idx: range, z: torch.Tensor, s: torch.Tensor) -> None:
+            coef = votes[idx.start : idx.stop].to(device=device, dtype=torch.float32) * (s / cfg.radius)
+            u.view(1, -1).addmm_(coef[None], z.flatten(1))
+
         t1 = time.perf_counter()
-        for start in range(0, cfg.m, c):
-            idx = range(start, min(cfg.m, start + c))
+        for k, idx in enumerate(chunks):
+            if k % world != rank:
+                continue
             z = source.draw(t, idx, out=buf)
             s = source.scales(z)
-            y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx)).to(torch.int8).cpu()
-            votes[start : start + len(idx)] = y
-            coef = y.to(device=device, dtype=torch.float32) * (s / cfg.radius)
-            u.view(1, -1).addmm_(coef[None], z.flatten(1))
+            y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx))
+            votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
+            if world == 1:
+                accumulate(idx, z, s)
+        if world > 1:
+            # only votes travel; every rank regenerates z from seeds and sums u in the canonical
+            # chunk order, the same arithmetic as one process: the result is world-size free
+            votes = all_gather_votes(votes, device)
+            for idx in chunks:
+                z = source.draw(t, idx, out=buf)
+                accumulate(idx, z, source.scales(z))
         t_perturb = time.perf_counter() - t1
         n_minus = int((votes == BETTER).sum())
         frac = n_minus / cfg.m
@@ -142,8 +191,11 @@ class ZOTrainer:
                 new_w = proposed_head(self.w, g_sparse, cfg.gamma, frac)
         if new_w is not None and cfg.acceptance_check:
             step_dir = (new_w - self.w)[None]
-            verdict = self._ask(self.accept_oracle, t, items, texts, inp, base, base_lp, inp.h, step_dir,
-                                torch.ones(1, device=device), [-2])
+            verdict = torch.zeros(1, dtype=torch.int8)
+            if rank == 0:
+                verdict = self._ask(self.accept_oracle, t, items, texts, inp, base, base_lp, inp.h, step_dir,
+                                    torch.ones(1, device=device), [-2]).to(torch.int8).cpu()
+            verdict = broadcast_votes(verdict, device)
             rec["accepted"] = bool(int(verdict[0]) == BETTER)
             if not rec["accepted"]:
                 reason, new_w = "rejected by the acceptance check", None
@@ -200,7 +252,7 @@ class ZOTrainer:
             self.head.weight.data.copy_(self.w.to(self.head.weight.dtype))
             start, totals = state["step"], state["totals"]
             print(f"stage2: resumed from {ckpt_dir} at step {start}/{total}", flush=True)
-        bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress)
+        bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress or world_info()[1] != 0)
         for t in bar:
             idx = self.pairs_for_step(t, len(items))
             try:
@@ -210,7 +262,8 @@ class ZOTrainer:
                 totals["stopped"] = f"{e}; stopped before step {t + 1}, --resume continues from there"
                 print(f"stage2: {totals['stopped']}", flush=True)
                 break
-            run.log(rec)
+            if world_info()[1] == 0:
+                run.log(rec)
             totals["steps"] += 1
             totals["sum_frac_minus"] += rec["frac_minus"]
             if rec["skipped"]:
@@ -221,7 +274,8 @@ class ZOTrainer:
                 totals["steps_taken"] += 1
             bar.set_postfix(n_minus=rec["n_minus"], taken=totals["steps_taken"], pps=rec["perturbations_per_s"])
             if self.cfg.checkpoint_every and (t + 1) % self.cfg.checkpoint_every == 0 and t + 1 < total:
-                self.save_checkpoint(ckpt_dir, t + 1, totals)
+                if world_info()[1] == 0:
+                    self.save_checkpoint(ckpt_dir, t + 1, totals)
             if callback is not None:
                 callback(t + 1, rec)
         return totals
