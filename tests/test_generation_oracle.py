@@ -115,3 +115,37 @@ def test_judge_server_dies_halfway(setup, tmp_path, monkeypatch):
             assert len(c.rows()) == srv.count - 1 == len({r["key"] for r in c.rows()})
     finally:
         srv.stop()
+
+
+class QuitAtCall(PairwiseJudge):
+    """Answers 'B' until call ``n``, where the person quits (as HumanJudge does on 'q')."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def judge(self, prompts, responses_a, responses_b):
+        from oracles.judges import JudgeQuit
+
+        self.calls += 1
+        if self.calls == self.n:
+            raise JudgeQuit("quit by the user")
+        return [Judgement("B") for _ in prompts]
+
+
+def test_a_quit_stops_at_a_step_boundary_and_resume_continues(setup, tmp_path):
+    model, tok, items, texts = setup
+    run = RunDir(tmp_path)
+    cfg = _cfg(radius=0.5, chunk_size=8)  # one judge call per step
+    tr = ZOTrainer(model, cfg, 0, GenerationOracle(QuitAtCall(3), max_new_tokens=4), 0, tokenizer=tok)
+    totals = tr.train(items, texts, run, progress=False)
+    assert totals["steps"] == 2 and "stopped before step 3" in totals["stopped"]
+    assert len([r for r in read_jsonl(run.metrics) if r["stage"] == "stage2"]) == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.checkpoints / "zo" / "head.safetensors"))["weight"]
+    assert torch.equal(saved, tr.w)  # the checkpoint holds the head of the last finished step
+    tr2 = ZOTrainer(copy.deepcopy(model), cfg, 0, GenerationOracle(QuitAtCall(0), max_new_tokens=4), 0, tokenizer=tok)
+    totals2 = tr2.train(items, texts, run, resume=True, progress=False)
+    assert totals2["steps"] == 3 and "stopped" not in totals2
+    steps = [r["step"] for r in read_jsonl(run.metrics) if r["stage"] == "stage2"]
+    assert steps == [1, 2, 3]  # resumed at step 3, not restarted

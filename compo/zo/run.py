@@ -68,8 +68,9 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
         "skip_reasons": totals["skip_reasons"], "mean_frac_minus": totals["sum_frac_minus"] / steps,
         "n_noisy_pairs": len(idx), "untied_head": trainer.untied, "wall_s": round(time.time() - t0, 2),
     }
-    if "stopped" in totals:
-        final["stopped"] = totals["stopped"]
+    for key in ("stopped", "budget_exhausted"):
+        if key in totals:
+            final[key] = totals[key]
     after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after")
     # the likelihood-displacement signal of stage 2 itself: chosen should rise, rejected fall
     final["noisy/shift_chosen"] = float((after.chosen - before.chosen).mean())

@@ -264,6 +264,10 @@ class ZOTrainer:
                 break
             if world_info()[1] == 0:
                 run.log(rec)
+            if rec.get("oracle/budget_exhausted") and not totals.get("budget_exhausted"):
+                totals["budget_exhausted"] = True
+                print(f"stage2: the judge's budget is spent at step {t + 1}: from here on its votes abstain "
+                      "(raise max_calls / max_tokens_total and --resume to continue paying)", flush=True)
             totals["steps"] += 1
             totals["sum_frac_minus"] += rec["frac_minus"]
             if rec["skipped"]:
