@@ -179,7 +179,7 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     final = train_stage1(ws.model, ws.tokenizer, Stage1Data(items, ref), cfg, ws.run,
                          paired_objective(cfg, ws.pad_id), resume=resume)
     final["wall_s"] = round(time.time() - t0, 2)
-    ws.run.update_summary(stage1=final)
+    ws.run.update_summary(stage1=final, model_stage="stage1")
     return final
 
 
@@ -210,14 +210,25 @@ def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
     evals = {"reference": before}
     if before:
         say(f"eval reference: {_fmt(before)}")
-    if cfg.stage1.enabled:
+    done = ws.run.summary().get("model_stage") if resume else None
+    if done in ("stage1", "stage2"):
+        from compo.models import load_pretrained
+
+        ws.model, _ = load_pretrained(str(ws.run.model), cfg)
+        say(f"resume: {ws.run.model} holds the finished {done}; not running it again")
+    if cfg.stage1.enabled and done is None:
         run_stage1(ws, split, resume)
+    if cfg.stage1.enabled and done == "stage2":
+        evals["stage1"] = ws.run.summary().get("eval", {}).get("stage1", {})
+    elif cfg.stage1.enabled:
         evals["stage1"], _ = evaluate(ws, ref_eval, "stage1")
         say(f"eval after stage1: {_fmt(evals['stage1'])}")
+        ws.run.update_summary(eval=evals)
     if cfg.zo.enabled and split is not None:
         from compo.zo.run import run_stage2
 
-        run_stage2(ws, split, resume)
+        if done != "stage2":
+            run_stage2(ws, split, resume)
         evals["stage2"], _ = evaluate(ws, ref_eval, "stage2")
         say(f"eval after stage2: {_fmt(evals['stage2'])}")
     summary = ws.run.update_summary(eval=evals, wall_s=round(time.time() - t0, 2))

@@ -418,7 +418,7 @@ def run_unpaired_stage1(ws, split=None, resume: bool = False, embedder: Callable
     final.update({"n_rows": len(setup.rows), "n_thumbs_up": setup.n_up, "n_thumbs_down": setup.n_down,
                   "prep_s": setup.prep_s})
     final["wall_s"] = round(time.time() - t0, 2)
-    fields = {"stage1": final}
+    fields = {"stage1": final, "model_stage": "stage1"}
     if setup.udm is not None:
         fields["udm"] = setup.udm
     ws.run.update_summary(**fields)

@@ -55,3 +55,22 @@ def test_pipeline_writes_the_run_directory_contract(tmp_path, capsys):
     assert (run / "reference" / "config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert model.config.tie_word_embeddings is False  # stage 2 untied the head
+
+
+def test_pipeline_resume_skips_finished_stages(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["pipeline", "-c", "configs/quickstart.yaml", "--run-dir", str(run)]
+    for s in SMALL:
+        base += ["--set", s]
+    assert main(base + ["--set", "zo.enabled=false"]) == 0  # a run that ended after stage 1
+    stage1_model = (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(base + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "holds the finished stage1; not running it again" in out
+    records = read_jsonl(run / "metrics.jsonl")
+    assert sum(r["stage"] == "stage1" for r in records) == 3  # stage 1 trained once (3 steps), not twice
+    assert sum(r["stage"] == "stage2" for r in records) == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_stage"] == "stage2"
+    assert (run / "model" / "model.safetensors").read_bytes() != stage1_model

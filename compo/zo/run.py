@@ -82,5 +82,5 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     model, tok = ws.model, ws.tokenizer
     atomic_save_dir(ws.run.model, lambda d: (model.save_pretrained(d), tok.save_pretrained(d),
                                              save_file({"weight": trainer.w.contiguous().cpu()}, str(d / "zo_head_fp32.safetensors"))))
-    ws.run.update_summary(stage2=final)
+    ws.run.update_summary(stage2=final, model_stage="stage2")
     return final
