@@ -16,7 +16,7 @@ anywhere, no download). The real benchmark of the issue:
     python scripts/get_smollm2.py --out .models/smollm2-135m
     PYTHONPATH=/tmp/minilm python scripts/bench_stage1.py --model .models/smollm2-135m \\
         --data ../shared/data/llamafactory-kto_en_demo.json --embedder minilm --udm-all \\
-        --max-length 256 --max-prompt-length 128 --completions 4 --steps 6 --limit 14 --rounds 2
+        --max-length 256 --max-prompt-length 128 --completions 4 --steps 3 --limit 8 --rounds 4
 
 (On a GPU use larger --completions/--steps/--limit; on 2 shared CPU cores a SmolLM2 step of 4
 completions of ~220 tokens takes tens of seconds, so the figures above are kept small.)
@@ -151,32 +151,6 @@ class Timer:
             torch.cuda.synchronize(self.device)
         self.marks.append(time.perf_counter())
 
-    def summary(self, warmup: int) -> dict:
-        dts = [b - a for a, b in zip(self.marks, self.marks[1:])][warmup:]
-        toks = self.tokens[warmup:]
-        return {"steps_timed": len(dts), "s_per_step_median": round(statistics.median(dts), 4),
-                "s_per_step_mean": round(statistics.fmean(dts), 4),
-                "tokens_per_step_mean": round(statistics.fmean(toks), 1),
-                "s_per_1k_tokens": round(1000 * sum(dts) / max(1, sum(toks)), 4)}
-
-
-def bench_dpo(args, pairs) -> dict:
-    cfg = make_cfg(args, "dpo", args.completions // 2, "dpo")
-    ws = workspace(cfg, pairs, "paired")
-    t0 = time.perf_counter()
-    enc = ws.encode(pairs)
-    ref = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, progress=False)
-    prep = time.perf_counter() - t0
-    timer = Timer(next(ws.model.parameters()).device)
-    obj = timer.wrap(paired_objective(cfg, ws.pad_id), lambda it: it.completions)
-    data = Stage1Data(enc.items, torch.stack([ref.chosen, ref.rejected], 1))
-    timer.start()
-    train_stage1(ws.model, ws.tokenizer, data, cfg, ws.run, obj, hooks={"after_step": timer.after_step}, progress=False)
-    out = timer.summary(args.warmup)
-    out.update({"pairs_per_step": cfg.stage1.batch_size, "completions_per_step": 2 * cfg.stage1.batch_size,
-                "n_pairs": len(enc.items), "reference_logps_s": round(prep, 3)})
-    return out
-
 
 def all_rows(cfg) -> list[UnpairedRow]:
     if cfg.data.path == "toy":
@@ -189,30 +163,63 @@ def all_rows(cfg) -> list[UnpairedRow]:
     return list(res.rows) if res.kind == "unpaired" else pairs_to_unpaired(list(res.rows), cfg.seed)
 
 
-def bench_bco(args, rows, embedder) -> dict:
-    cfg = make_cfg(args, "bco", args.completions, "bco_udm", ["stage1.bco.udm=true"])
-    ws = workspace(cfg, rows, "unpaired")
-    setup = su.prepare_unpaired(ws, None, embedder, quiet=True)
-    timer = Timer(next(ws.model.parameters()).device)
-    obj = timer.wrap(su.bco_objective(cfg, ws.pad_id, shift := su.RewardShift(cfg.stage1.bco.delta_mode)),
-                     lambda it: it.completions)
-    hooks = {"after_step": lambda: (shift.step(), timer.after_step())}
-    timer.start()
-    train_stage1(ws.model, ws.tokenizer, setup.data, cfg, ws.run, obj, hooks=hooks, progress=False)
-    out = timer.summary(args.warmup)
-    udm = setup.udm or {}
-    out.update({"rows_per_step": cfg.stage1.batch_size, "completions_per_step": cfg.stage1.batch_size,
-                "n_rows": len(setup.rows), "prep_s": setup.prep_s,
-                "udm_fit_s": udm.get("fit_s"), "udm": udm, "delta_final": shift.delta})
-    if args.udm_all:  # the one-time UDM cost on the whole data file
-        every = all_rows(cfg)
-        labels = torch.tensor([r.label for r in every])
-        t0 = time.perf_counter()
-        _, stats = su.fit_udm_weights(ws, every, labels, embedder)
-        stats["wall_s"] = round(time.perf_counter() - t0, 3)
-        stats["n_rows"] = len(every)
-        out["udm_all_rows"] = stats
-    return out
+class Run:
+    """One loss, prepared once (reference log-probs, UDM); ``round()`` trains ``--warmup + --steps``
+    steps from the reference weights, so alternating rounds of the two losses see the same load."""
+
+    def __init__(self, args, loss: str, rows, embedder=None):
+        self.args, self.loss = args, loss
+        if loss == "dpo":
+            self.cfg = make_cfg(args, "dpo", args.completions // 2, "dpo")
+            self.ws = workspace(self.cfg, rows, "paired")
+            t0 = time.perf_counter()
+            enc = self.ws.encode(rows)
+            ref = score_pairs(self.ws.model, enc.items, self.ws.pad_id, self.cfg.split.batch_size, progress=False)
+            self.data = Stage1Data(enc.items, torch.stack([ref.chosen, ref.rejected], 1))
+            self.info = {"pairs_per_step": self.cfg.stage1.batch_size, "completions_per_step": args.completions,
+                         "n_pairs": len(enc.items), "prep_s": round(time.perf_counter() - t0, 3)}
+        else:
+            self.cfg = make_cfg(args, "bco", args.completions, "bco_udm", ["stage1.bco.udm=true"])
+            self.ws = workspace(self.cfg, rows, "unpaired")
+            setup = su.prepare_unpaired(self.ws, None, embedder, quiet=True)
+            self.data = setup.data
+            self.info = {"rows_per_step": args.completions, "completions_per_step": args.completions,
+                         "n_rows": len(setup.rows), "prep_s": setup.prep_s, "udm": setup.udm,
+                         "udm_fit_s": (setup.udm or {}).get("fit_s")}
+        self.init = {k: v.detach().clone() for k, v in self.ws.model.state_dict().items()}
+        self.device = next(self.ws.model.parameters()).device
+        self.dts: list[float] = []
+        self.toks: list[int] = []
+        self.rounds: list[float] = []
+
+    def round(self) -> float:
+        ws, cfg = self.ws, self.cfg
+        ws.model.load_state_dict(self.init)
+        timer = Timer(self.device)
+        if self.loss == "dpo":
+            obj, hooks = paired_objective(cfg, ws.pad_id), {"after_step": timer.after_step}
+        else:
+            shift = su.RewardShift(cfg.stage1.bco.delta_mode)
+            obj = su.bco_objective(cfg, ws.pad_id, shift)
+            hooks = {"after_step": lambda: (shift.step(), timer.after_step())}
+            self.info["delta_final"] = shift
+        timer.start()
+        train_stage1(ws.model, ws.tokenizer, self.data, cfg, ws.run, timer.wrap(obj, lambda it: it.completions),
+                     hooks=hooks, progress=False)
+        dts = [b - a for a, b in zip(timer.marks, timer.marks[1:])][self.args.warmup:]
+        self.dts += dts
+        self.toks += timer.tokens[self.args.warmup:]
+        self.rounds.append(round(statistics.median(dts), 4))
+        return self.rounds[-1]
+
+    def summary(self) -> dict:
+        out = {"steps_timed": len(self.dts), "s_per_step_median": round(statistics.median(self.dts), 4),
+               "s_per_step_mean": round(statistics.fmean(self.dts), 4),
+               "round_medians": self.rounds, "tokens_per_step_mean": round(statistics.fmean(self.toks), 1),
+               "s_per_1k_tokens": round(1000 * sum(self.dts) / max(1, sum(self.toks)), 4), **self.info}
+        if isinstance(out.get("delta_final"), su.RewardShift):
+            out["delta_final"] = out["delta_final"].delta
+        return out
 
 
 def make_cfg(args, loss: str, batch: int, name: str, extra: list[str] = ()):
@@ -230,9 +237,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="toy", help="model directory (or 'toy')")
     ap.add_argument("--data", default="toy", help="paired or unpaired data file (or 'toy')")
     ap.add_argument("--completions", type=int, default=8, help="completions per optimizer step (even)")
-    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per loss")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    ap.add_argument("--rounds", type=int, default=1, help="alternate DPO and BCO this many times (median)")
+    ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps per loss and round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps of every round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternate DPO and BCO rounds this many times, each from the reference weights")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--max-prompt-length", type=int, default=128)
     ap.add_argument("--embedder", default=None, help="minilm | hash | model dir/name (default: minilm if installed, else hash)")
@@ -277,22 +285,27 @@ def main(argv=None) -> int:
     log(f"data: {desc}; timing on {len(pairs)} pairs (DPO) / {len(rows)} rows (BCO)")
 
     t0 = time.time()
-    dpos, bcos = [], []
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        log("preparing DPO (reference log-probs) ...")
+        dpo_run = Run(args, "dpo", pairs)
+        log("preparing BCO+UDM (reference log-probs, prompt embeddings, classifier) ...")
+        bco_run = Run(args, "bco", rows, embedder)
+        ratios = []
         for r in range(args.rounds):  # alternate, so a slow patch of a shared machine hits both
-            log(f"round {r + 1}/{args.rounds}: timing DPO ...")
-            dpos.append(bench_dpo(args, pairs))
-            log(f"DPO: {dpos[-1]['s_per_step_median']} s/step; timing BCO+UDM ...")
-            bcos.append(bench_bco(args, rows, embedder))
-            log(f"BCO+UDM: {bcos[-1]['s_per_step_median']} s/step")
-    dpo, bco = dpos[0], bcos[0]
-    if args.rounds > 1:
-        dpo["rounds"] = [d["s_per_step_median"] for d in dpos]
-        bco["rounds"] = [b["s_per_step_median"] for b in bcos]
-        dpo["s_per_step_median"] = round(statistics.median(dpo["rounds"]), 4)
-        bco["s_per_step_median"] = round(statistics.median(bco["rounds"]), 4)
-        dpo["s_per_1k_tokens"] = round(statistics.median(d["s_per_1k_tokens"] for d in dpos), 4)
-        bco["s_per_1k_tokens"] = round(statistics.median(b["s_per_1k_tokens"] for b in bcos), 4)
+            d = dpo_run.round()
+            b = bco_run.round()
+            ratios.append(round(b / d, 3))
+            log(f"round {r + 1}/{args.rounds}: DPO {d} s/step, BCO+UDM {b} s/step, ratio {ratios[-1]}")
+        udm_all = None
+        if args.udm_all:  # the one-time UDM cost on the whole data file
+            every = all_rows(bco_run.cfg)
+            labels = torch.tensor([r.label for r in every])
+            t1 = time.perf_counter()
+            _, udm_all = su.fit_udm_weights(bco_run.ws, every, labels, embedder)
+            udm_all.update({"wall_s": round(time.perf_counter() - t1, 3), "n_rows": len(every)})
+    dpo, bco = dpo_run.summary(), bco_run.summary()
+    if udm_all is not None:
+        bco["udm_all_rows"] = udm_all
     device = str(torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                               ("cpu" if args.device == "auto" else args.device)))
     result = {
@@ -300,6 +313,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype, "max_length": args.max_length, "completions_per_step": args.completions,
         "embedder": args.embedder, "dpo": dpo, "bco_udm": bco,
         "ratio_bco_udm_over_dpo_median": round(bco["s_per_step_median"] / dpo["s_per_step_median"], 3),
+        "ratio_per_round": ratios,
         "ratio_bco_udm_over_dpo_per_token": round(bco["s_per_1k_tokens"] / dpo["s_per_1k_tokens"], 3),
         "udm_one_time_s": bco.get("udm_all_rows", {}).get("wall_s", bco["udm_fit_s"]), "wall_s": round(time.time() - t0, 1),
     }
