@@ -16,7 +16,13 @@ All three are measured in one run, on one preference pair, on the same (untied) 
   perturbation; measured before and after the compo steps, the smaller is reported (on a
   shared machine the load drifts: ``loadavg_1m`` gives it at the start and the end).
 
-Prints one JSON object on stdout (progress on stderr).
+Prints one JSON object on stdout (progress on stderr). Besides the three timings:
+``speedup_vs_reference`` = reference_s / compo_full_s, ``ratio_to_floor`` = compo_full_s / floor_s,
+``completion_tokens`` (scored tokens, chosen + rejected), ``chunk_*`` (perturbations per chunk),
+``compo_*_loop_s`` (the trainer's own wall-clock perturbation loop, without capture and update).
+
+On a shared machine other processes' threads make multi-threaded timings swing widely (the
+full-model forwards suffer most); ``--threads 1 --clock cpu`` gives steadier numbers.
 
     python scripts/bench_zo.py                                   # embedded toy model, one toy pair
     python scripts/bench_zo.py --model .models/smollm2-135m \\

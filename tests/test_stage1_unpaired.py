@@ -29,6 +29,16 @@ BASE = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The toy model's ops are tiny: a second intra-op thread only adds synchronisation, and on a
+    shared 2-core machine it made these tests 30x slower (spinning threads wait for a busy core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory) -> Path:
     """The SFT'd toy reference, built once and copied into every run directory."""

@@ -18,7 +18,7 @@ def normalise(u: torch.Tensor) -> torch.Tensor | None:
 def sparsify(g: torch.Tensor, rule: str = "absolute", lambda_g: float = 2.2e-4, rho: float = 0.01) -> torch.Tensor:
     """Zero small entries without renormalising: |g_j| >= lambda_g (paper) or the top rho fraction."""
     if rule == "absolute":
-        return torch.where(g.abs() >= lambda_g, g, torch.zeros_like(g))
+        return g.masked_fill(g.abs() < lambda_g, 0.0)
     if rule == "top_fraction":
         k = max(1, min(g.numel(), math.ceil(rho * g.numel())))
         flat = g.flatten()

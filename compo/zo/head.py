@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from compo.encode import collate
-from compo.logprobs import sequence_logps
+from compo.logprobs import position_ids_from_mask, sequence_logps
 
 
 @dataclass
@@ -24,7 +24,7 @@ class HeadInputs:
     targets: torch.Tensor  # (T,) token ids
     seq: torch.Tensor  # (T,) sequence index in [0, n_seq)
     n_seq: int
-    forward_logps: torch.Tensor  # (n_seq,) log-probs from the model's own forward (for checking)
+    forward_logps: torch.Tensor | None  # (n_seq,) log-probs of the model's own forward (check=True only)
     bias: torch.Tensor | None = None
 
     @property
@@ -32,19 +32,51 @@ class HeadInputs:
         return self.n_seq // 2
 
 
+class _HeadInput(Exception):
+    """Raised by a pre-hook on the output layer to stop the forward once its input is known."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = x
+
+
 @torch.no_grad()
-def capture(model, items, pad_id: int) -> HeadInputs:
-    """One forward of the frozen body over the pairs' chosen then rejected sequences."""
+def capture(model, items, pad_id: int, check: bool = True) -> HeadInputs:
+    """One forward of the frozen body over the pairs' chosen then rejected sequences.
+
+    ``check=True`` runs the full model (logits over V at every position) so ``forward_logps``
+    can be compared with the cached head once; ``check=False`` stops at the output layer's
+    input: the full-vocab matmul and log-softmax over all positions are skipped.
+    """
     device = next(model.parameters()).device
     seqs = [(it.prompt, it.completions[0]) for it in items] + [(it.prompt, it.completions[1]) for it in items]
     batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
-    s = sequence_logps(model, **batch, capture_hidden=True)
-    h = torch.cat(s.hidden).float()
-    targets = torch.cat(s.targets)
-    seq = torch.cat([torch.full((len(t),), j, dtype=torch.long, device=device) for j, t in enumerate(s.targets)])
     head = model.get_output_embeddings()
     bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
-    return HeadInputs(h, targets, seq, len(seqs), s.logps.float(), bias)
+    if check:
+        s = sequence_logps(model, **batch, capture_hidden=True)
+        h = torch.cat(s.hidden).float()
+        targets = torch.cat(s.targets)
+        seq = torch.cat([torch.full((len(t),), j, dtype=torch.long, device=device) for j, t in enumerate(s.targets)])
+        return HeadInputs(h, targets, seq, len(seqs), s.logps.float(), bias)
+
+    def stop(_module, args):
+        raise _HeadInput(args[0])
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hook = head.register_forward_pre_hook(stop)
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        raise RuntimeError("the model's forward never called its output layer")
+    except _HeadInput as e:
+        hidden = e.x
+    finally:
+        hook.remove()
+    scored = batch["completion_mask"][:, 1:] & mask[:, 1:].bool()
+    h = hidden[:, :-1][scored].float()  # row-major: the same order as the per-row concatenation
+    targets = ids[:, 1:][scored]
+    seq = torch.arange(len(seqs), device=device)[:, None].expand_as(scored)[scored]
+    return HeadInputs(h, targets, seq, len(seqs), None, bias)
 
 
 def _seq_sums(tok: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
@@ -71,15 +103,25 @@ def head_logps(w: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
 
 
 def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales: torch.Tensor,
-                    inp: HeadInputs) -> torch.Tensor:
+                    inp: HeadInputs, out: torch.Tensor | None = None) -> torch.Tensor:
     """(c, n_seq) log-probs of candidates W + s_i z_i given base logits (T, V).
 
     ``h`` is the hidden states in the basis ``z`` lives in: the full h (T x H) with z of shape
-    (c, V, H), or the projected h Q (T x k) with z of shape (c, V, k).
+    (c, V, H), or the projected h Q (T x k) with z of shape (c, V, k). ``out``: a reusable
+    buffer of at least c*T*V floats for the candidate logits (overwritten); the log-sum-exp is
+    done in place, so no other (c, T, V) tensor is allocated (each would be a fresh mmap and
+    page-faulted on every chunk).
     """
-    delta = torch.matmul(h, z.transpose(1, 2))  # (c, T, V)
-    delta.mul_(scales.view(-1, 1, 1)).add_(base)
-    return logits_logps(delta, inp)
+    c, n_tok, v = z.shape[0], h.shape[0], z.shape[1]
+    if out is None:
+        logits = torch.matmul(h, z.transpose(1, 2))  # (c, T, V)
+    else:
+        logits = torch.matmul(h.expand(c, *h.shape), z.transpose(1, 2), out=out.view(-1)[: c * n_tok * v].view(c, n_tok, v))
+    logits.mul_(scales.view(-1, 1, 1)).add_(base)
+    picked = logits.gather(-1, inp.targets.expand(c, -1).unsqueeze(-1)).squeeze(-1)
+    mx = logits.amax(dim=-1, keepdim=True)
+    lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
+    return _seq_sums(picked - lse, inp.seq, inp.n_seq)
 
 
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:

@@ -81,6 +81,7 @@ class ZOTrainer:
         self.head = model.get_output_embeddings()
         self.w = self.head.weight.detach().float().clone()  # fp32 master copy (DESIGN.md §2)
         self.checked = False
+        self._buffers: dict[str, torch.Tensor] = {}  # reused across steps: fresh big tensors cost page faults
         self.generator = None
         gen_oracles = [o for o in (self.oracle, self.accept_oracle) if o.needs == Evidence.GENERATIONS]
         if gen_oracles:
@@ -109,13 +110,21 @@ class ZOTrainer:
              hz: torch.Tensor, z: torch.Tensor, s: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """One oracle call on candidates W + s_i z_i, computing only the evidence it needs."""
         if oracle.needs == Evidence.LOGPROBS:
-            cand = candidate_logps(base, hz, z, s, inp)
+            cand = candidate_logps(base, hz, z, s, inp, out=self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1]))
             return oracle.compare(self._batch(texts, len(indices), base_lp, cand))
         prompts = [it.prompt for it in items]
         if self._base_responses is None:
             self._base_responses = self.generator.generate(prompts, self.w, step=t)[0]
         gen = lambda: self.generator.generate(prompts, self.w, z, s, step=t, indices=indices)  # noqa: E731
         return oracle.compare(self._batch(texts, len(indices), base_lp, None, gen, self._base_responses))
+
+    def _buffer(self, name: str, numel: int) -> torch.Tensor:
+        """A flat fp32 scratch tensor of at least ``numel`` entries, kept across steps."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(name, None)
+            buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.w.device)
+        return buf[:numel]
 
     def _check_head(self, inp: HeadInputs, base_lp: torch.Tensor) -> None:
         """The cached head must reproduce the model's own log-probs (no hidden logit post-processing)."""
@@ -134,7 +143,7 @@ class ZOTrainer:
         cfg, device = self.cfg, self.w.device
         t0 = time.perf_counter()
         self._base_responses = None  # generated once per step, on first need
-        inp = capture(self.model, items, self.pad_id)
+        inp = capture(self.model, items, self.pad_id, check=not self.checked)
         base = base_logits(self.w, inp)
         base_lp = logits_logps(base, inp)
         if not self.checked:
@@ -148,8 +157,8 @@ class ZOTrainer:
         source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device)
         c = cfg.chunk_size or chunk_size(cfg.memory_budget_mb, v, width, inp.h.shape[0])
         c = min(c, cfg.m)
-        buf = torch.empty((c, v, width), dtype=torch.float32, device=device)
-        u = torch.zeros((v, width), dtype=torch.float32, device=device)  # sum_i y_i z_i, fp32
+        buf = self._buffer("z", c * v * width).view(c, v, width)
+        u = self._buffer("u", v * width).view(v, width).zero_()  # sum_i y_i z_i, fp32
         votes = torch.zeros(cfg.m, dtype=torch.int8)
         chunks = [range(a, min(cfg.m, a + c)) for a in range(0, cfg.m, c)]
         world, rank = world_info()
@@ -202,9 +211,9 @@ class ZOTrainer:
         after_lp = base_lp
         if new_w is not None:
             dtype = self.head.weight.dtype
-            rec["frac_changed"] = float((new_w.to(dtype) != self.w.to(dtype)).float().mean())
-            rec["frac_kept"] = float((g_sparse != 0).float().mean())
-            rec["update_norm"] = float(torch.linalg.vector_norm((new_w - self.w).double()))
+            rec["frac_changed"] = int(torch.count_nonzero(new_w.to(dtype) != self.w.to(dtype))) / new_w.numel()
+            rec["frac_kept"] = int(torch.count_nonzero(g_sparse)) / g_sparse.numel()
+            rec["update_norm"] = float(torch.linalg.vector_norm(new_w - self.w, dtype=torch.float64))
             self.w = new_w
             self.head.weight.data.copy_(new_w.to(dtype))
             after_lp = head_logps(self.w, inp)
