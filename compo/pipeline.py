@@ -203,6 +203,12 @@ def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
     """split -> stage 1 -> stage 2 -> evaluation, all into cfg.run_dir; returns summary.json."""
     t0 = time.time()
     ws = open_workspace(cfg)
+    from compo.stage1 import PAIRED_LOSSES
+
+    if ws.kind != "paired" and cfg.stage1.enabled and cfg.stage1.loss in PAIRED_LOSSES:
+        from compo.stage1_unpaired import paired_data_message
+
+        raise ValueError(paired_data_message(cfg.stage1.loss, cfg.data.path))
     split = run_split(ws, resume) if ws.kind == "paired" else None
     if split is None:
         say("split: skipped (unpaired data has no chosen/rejected margin; see README 'Unpaired data')")

@@ -146,13 +146,17 @@ def train_stage1(
         optimizer.zero_grad(set_to_none=True)
         if "after_step" in hooks:
             hooks["after_step"]()
-        keys = sorted(sums)
+        keys = sorted(sums)  # objectives must return the same keys on every micro-batch and process
         reduced = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
         metrics = {k: float(v) for k, v in zip(keys, reduced.tolist())}
         metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) * per_step / len(data.items)})
         if accelerator.is_main_process and ((step + 1) % s1.logging_steps == 0 or step + 1 == total):
             run.log({"stage": "stage1", "step": step + 1, **metrics})
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+            shown = {"loss": f"{metrics['loss']:.4f}"}
+            for key, label in (("rewards/accuracies", "acc"), ("rewards/margins", "margin")):
+                if key in metrics:
+                    shown[label] = f"{metrics[key]:.3f}"
+            bar.set_postfix(shown)
         if s1.save_steps and (step + 1) % s1.save_steps == 0 and step + 1 < total:
             _save_checkpoint(accelerator, ckpt_root / f"step-{step + 1}", step + 1, hooks)
     accelerator.wait_for_everyone()

@@ -9,6 +9,16 @@ from compo import toy
 from compo.config import ToyDataConfig, ToyModelConfig
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The toy models' ops are tiny: a second intra-op thread only adds synchronisation (and on a
+    busy 2-core machine it made the suite many times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     return toy.build_tokenizer()
