@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -17,7 +16,7 @@ from compo.config import RunConfig, dump_config
 from compo.encode import EncodeResult, encode_rows, pad_id_of
 from compo.evaluate import preference_metrics
 from compo.logprobs import PairScores, score_pairs
-from compo.rows import PairRow, UnpairedRow
+from compo.rows import PairRow
 from compo.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
 from compo.split import histogram, noisy_mask, summarize
 
@@ -104,6 +103,14 @@ class SplitResult:
     scores: PairScores  # reference log-probs
     noisy: torch.Tensor
 
+    def train_indices(self, train_on: str) -> list[int]:
+        """Pairs stage 1 trains on: the clean ones, or all with ``stage1.train_on=all``."""
+        keep = torch.ones_like(self.noisy) if train_on == "all" else ~self.noisy
+        idx = keep.nonzero().flatten().tolist()
+        if not idx:
+            raise ValueError("no clean pairs to train on: lower split.delta or set stage1.train_on=all")
+        return idx
+
 
 def run_split(ws: Workspace, resume: bool = False) -> SplitResult:
     """Reference margins for every pair, the noisy mask, split.jsonl and the console summary."""
@@ -163,12 +170,10 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
 
         return run_unpaired_stage1(ws, split, resume)
     if split is None:
-        raise ValueError(f"stage1.loss={cfg.stage1.loss} needs paired data (prompt/chosen/rejected); this data has "
-                         "unpaired rows (prompt/completion/label): use stage1.loss=kto or stage1.loss=bco")
-    keep = torch.ones_like(split.noisy) if cfg.stage1.train_on == "all" else ~split.noisy
-    idx = keep.nonzero().flatten().tolist()
-    if not idx:
-        raise ValueError("no clean pairs to train on: lower split.delta or set stage1.train_on=all")
+        from compo.stage1_unpaired import paired_data_message
+
+        raise ValueError(paired_data_message(cfg.stage1.loss, cfg.data.path))
+    idx = split.train_indices(cfg.stage1.train_on)
     items = [split.encoded.items[i] for i in idx]
     ref = torch.stack([split.scores.chosen[idx], split.scores.rejected[idx]], dim=1)
     if cfg.split.reference:
@@ -203,12 +208,6 @@ def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
     """split -> stage 1 -> stage 2 -> evaluation, all into cfg.run_dir; returns summary.json."""
     t0 = time.time()
     ws = open_workspace(cfg)
-    from compo.stage1 import PAIRED_LOSSES
-
-    if ws.kind != "paired" and cfg.stage1.enabled and cfg.stage1.loss in PAIRED_LOSSES:
-        from compo.stage1_unpaired import paired_data_message
-
-        raise ValueError(paired_data_message(cfg.stage1.loss, cfg.data.path))
     split = run_split(ws, resume) if ws.kind == "paired" else None
     if split is None:
         say("split: skipped (unpaired data has no chosen/rejected margin; see README 'Unpaired data')")

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from compo.config import RunConfig
+from compo.dist import all_reduce_sum
 from compo.encode import Encoded, collate, render_prompt
 from compo.logprobs import score_sequences, sequence_logps
 from compo.losses import RewardShift, bco_loss, bco_rewards, kto_loss, kto_weight_warning
@@ -112,14 +113,13 @@ def training_rows(ws, split) -> tuple[list[UnpairedRow], str]:
     cfg = ws.cfg
     if ws.kind == "paired":
         if split is not None:
-            keep = torch.ones_like(split.noisy) if cfg.stage1.train_on == "all" else ~split.noisy
-            pairs: list[PairRow] = [split.rows[i] for i in keep.nonzero().flatten().tolist()]
+            pairs: list[PairRow] = [split.rows[i] for i in split.train_indices(cfg.stage1.train_on)]
             what = f"{len(pairs)} {cfg.stage1.train_on} pairs"
         else:
             pairs = list(ws.train)
             what = f"all {len(pairs)} pairs (no split)"
         if not pairs:
-            raise ValueError("no clean pairs to train on: lower split.delta or set stage1.train_on=all")
+            raise ValueError("no pairs to train on")
         from compo.data import pairs_to_unpaired
 
         return pairs_to_unpaired(pairs, cfg.seed), what + " made unpaired and shuffled"
@@ -286,20 +286,6 @@ def prepare_unpaired(ws, split=None, embedder: Callable | None = None, quiet: bo
 # ---------------------------------------------------------------- objectives
 
 
-def _world() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
-
-
-def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum over processes (identity on one process); returns on ``t``'s device."""
-    if _world() <= 1:
-        return t
-    x = t.to(device)
-    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
-    return x.to(t.device)
-
-
 def _keep(metrics: dict) -> dict:
     """Fixed metric keys for every micro-batch (class means are derived per step from sums/counts)."""
     return {k: v for k, v in metrics.items()
@@ -328,7 +314,7 @@ def kto_objective(cfg: RunConfig, pad_id: int) -> Callable:
         losses, metrics = kto_loss(
             pl, ref[:, 0], labels, kl_pol, kl_ref, beta=s1.beta,
             desirable_weight=s1.kto.desirable_weight, undesirable_weight=s1.kto.undesirable_weight,
-            reduce_kl=lambda t: _all_reduce_sum(t, device), kl_fallback=0.0,
+            reduce_kl=lambda t: all_reduce_sum(t, device), kl_fallback=0.0,
         )
         return losses.mean(), _keep(metrics)
 
@@ -393,7 +379,7 @@ def train_unpaired(ws, setup: UnpairedSetup, resume: bool = False, extra_hooks: 
         objective = kto_objective(cfg, ws.pad_id)
     else:
         device = next(ws.model.parameters()).device
-        shift = RewardShift(mode=cfg.stage1.bco.delta_mode, all_reduce=lambda t: _all_reduce_sum(t, device))
+        shift = RewardShift(mode=cfg.stage1.bco.delta_mode, all_reduce=lambda t: all_reduce_sum(t, device))
         objective = bco_objective(cfg, ws.pad_id, shift)
         hooks["after_step"] = shift.step
         hooks["state"] = (lambda: {"reward_shift": shift.state_dict()},

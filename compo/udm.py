@@ -93,7 +93,6 @@ class TransformerEmbedder:
         device: str = "cpu",
         max_length: int | None = None,
     ) -> None:
-        import torch  # noqa: F401  (imported lazily: keep `import compo.udm` light)
         from transformers import AutoModel, AutoTokenizer
 
         if batch_size < 1:

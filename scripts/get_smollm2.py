@@ -20,9 +20,7 @@ Prints the output directory on stdout. See DESIGN.md §5.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
-import os
 import shutil
 import subprocess
 import sys

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compo.encode import collate
 from compo.logprobs import position_ids_from_mask
 from compo.zo.perturb import perturbation_seed
 
@@ -76,12 +77,8 @@ class HeadGenerator:
         device = w.device
         rows = [p for _ in range(n_heads) for p in prompts]
         keys = [(indices[i], j) for i in range(n_heads) for j in range(len(prompts))]
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(rows):
-            ids[r, width - len(p):] = torch.tensor(p, device=device)
-            mask[r, width - len(p):] = 1
+        batch = collate([(p, []) for p in rows], self.pad, padding_side="left")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
         cache, h = out.past_key_values, out.last_hidden_state[:, -1]
         pos = position_ids_from_mask(mask)[:, -1]

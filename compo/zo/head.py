@@ -85,11 +85,20 @@ def _seq_sums(tok: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
     return out.index_add_(-1, seq, tok)
 
 
-def logits_logps(logits: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
-    """Per-sequence summed log-probs from logits (..., T, V)."""
+def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False) -> torch.Tensor:
+    """Per-sequence summed log-probs from logits (..., T, V).
+
+    ``inplace`` computes the log-sum-exp in the logits' own storage (they are overwritten), so
+    no second tensor of their size is allocated.
+    """
     tgt = inp.targets.expand(*logits.shape[:-1])
-    tok = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return _seq_sums(tok, inp.seq, inp.n_seq)
+    picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    if inplace:
+        mx = logits.amax(dim=-1, keepdim=True)
+        lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
+    else:
+        lse = torch.logsumexp(logits, dim=-1)
+    return _seq_sums(picked - lse, inp.seq, inp.n_seq)
 
 
 def base_logits(w: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
@@ -118,10 +127,7 @@ def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales
     else:
         logits = torch.matmul(h.expand(c, *h.shape), z.transpose(1, 2), out=out.view(-1)[: c * n_tok * v].view(c, n_tok, v))
     logits.mul_(scales.view(-1, 1, 1)).add_(base)
-    picked = logits.gather(-1, inp.targets.expand(c, -1).unsqueeze(-1)).squeeze(-1)
-    mx = logits.amax(dim=-1, keepdim=True)
-    lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
-    return _seq_sums(picked - lse, inp.seq, inp.n_seq)
+    return logits_logps(logits, inp, inplace=True)
 
 
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from safetensors.torch import save_file
 
 from compo.logprobs import score_pairs
@@ -28,21 +27,12 @@ def select_noisy(ws, split) -> list[int]:
     return mask.nonzero().flatten().tolist()
 
 
-def init_distributed() -> None:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def run_stage2(ws, split, resume: bool = False) -> dict:
     """Stage 2 on the noisy pairs of ``split``; under torchrun the m perturbations of each step
     are shared out across processes and only votes travel (the result does not depend on the
     number of processes)."""
-    from compo.zo.trainer import ZOTrainer, world_info
+    from compo.dist import init_distributed, world_info
+    from compo.zo.trainer import ZOTrainer
 
     init_distributed()
 

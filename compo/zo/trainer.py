@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from compo.config import ZOConfig
+from compo.dist import world_info
 from compo.models import untie_head
 from compo.rundir import RunDir, atomic_save_dir, atomic_write_json
 from compo.zo.estimator import normalise, proposed_head, skip_reason, sparsify
@@ -26,15 +27,6 @@ from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.judges.base import JudgeQuit
 
 CHECK_ATOL_PER_TOKEN = 2e-3
-
-
-def world_info() -> tuple[int, int]:
-    """(world size, rank) of torch.distributed, or (1, 0) when it is not running."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _comm_device(device: torch.device) -> torch.device:
