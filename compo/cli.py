@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
+import traceback
 
-from compo.config import ConfigError, RunConfig, dump_config, load_config, reference_table
+from compo.config import RunConfig, dump_config, load_config, reference_table
+from compo.errors import EXIT_INTERNAL, CompoError, Paused, one_line
 
 SECTIONS = {
     "split": ("seed", "run_dir", "model", "data", "split"),
@@ -39,7 +40,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="Override one config key, e.g. --set stage1.beta=0.2 (repeatable; values parsed as YAML).")
     p.add_argument("--run-dir", metavar="DIR", help="Run directory (overrides run_dir in the config).")
     p.add_argument("--resume", action="store_true",
-                   help="Continue the run in --run-dir from its last checkpoint and reuse finished artifacts.")
+                   help="Continue the run in --run-dir from its last checkpoint and reuse finished artifacts; "
+                        "refused when the config, data or model differ from the run's.")
+    p.add_argument("--force-resume", action="store_true",
+                   help="--resume even though the config, data or model differ (recorded in summary.json).")
+    p.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +78,53 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
+def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
+    from compo import pipeline as pl
+
+    resume = args.resume or args.force_resume
+    if args.command == "pipeline":
+        pl.run_pipeline(cfg, resume=resume, force_resume=args.force_resume)
+        return
+    ws = pl.open_workspace(cfg, args.command, resume, args.force_resume)
+    try:
+        if args.command == "split":
+            pl.run_split(ws, resume=resume)
+            return
+        split = pl.run_split(ws, resume=True) if ws.kind == "paired" else None
+        if args.command == "train":
+            if ws.done_stage == "stage1":
+                pl.say(f"resume: {ws.run.model} holds the finished stage1; nothing to do")
+            else:
+                pl.run_stage1(ws, split, resume=resume)
+        else:
+            from compo.zo.run import run_stage2
+
+            if ws.done_stage == "stage2":
+                pl.say(f"resume: {ws.run.model} holds the finished stage2; nothing to do")
+            else:
+                run_stage2(ws, split, resume=resume)
+        pl.print_summary(ws.run.summary())
+    finally:
+        ws.close()
+
+
+def report(e: BaseException, debug: bool) -> int:
+    """Print an error the one-line way and return its exit code."""
+    if debug:
+        traceback.print_exception(e)
+    if isinstance(e, CompoError):
+        prefix = "compo: paused: " if isinstance(e, Paused) else "compo: error: "
+        for line in e.lines():
+            print(prefix + line, file=sys.stderr)
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        print("compo: interrupted", file=sys.stderr)
+        return 130
+    hint = "" if debug else "; rerun with --debug for the traceback"
+    print(f"compo: internal error: {one_line(f'{type(e).__name__}: {e}', 300)}{hint}", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,40 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = resolve(args)
-    except ConfigError as e:
-        print(f"compo: {e}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        text = config_epilog(tuple(RunConfig.model_fields)) + "\n" if args.list else dump_config(cfg)
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `compo config --list | head`: the reader left; end quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    from compo import pipeline as pl
-
-    try:
-        if args.command == "pipeline":
-            pl.run_pipeline(cfg, resume=args.resume)
-        elif args.command == "split":
-            ws = pl.open_workspace(cfg)
-            pl.run_split(ws, resume=args.resume)
-        elif args.command == "train":
-            ws = pl.open_workspace(cfg)
-            split = pl.run_split(ws, resume=True) if ws.kind == "paired" else None
-            pl.run_stage1(ws, split, resume=args.resume)
-            pl.print_summary(ws.run.summary())
-        elif args.command == "zo":
-            from compo.zo.run import run_stage2
-
-            ws = pl.open_workspace(cfg)
-            split = pl.run_split(ws, resume=True)
-            run_stage2(ws, split, resume=args.resume)
-            pl.print_summary(ws.run.summary())
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print("compo: error: " + "\n".join(textwrap.wrap(str(e), 100, subsequent_indent="  ")), file=sys.stderr)
-        return 1
+        if args.command == "config":
+            text = config_epilog(tuple(RunConfig.model_fields)) + "\n" if args.list else dump_config(cfg)
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except BrokenPipeError:  # `compo config --list | head`: the reader left; end quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        _run(args, cfg)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one error path
+        return report(e, args.debug)
     return 0
 
 

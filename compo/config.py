@@ -14,11 +14,13 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from compo.errors import UserError, one_line
+
 SECRET_MARKERS = ("api_key", "secret", "password", "token_value", "auth")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ToyModelConfig(_Section):
@@ -149,24 +151,45 @@ class RunConfig(_Section):
     def _check(self) -> "RunConfig":
         if self.data.max_prompt_length >= self.data.max_length:
             raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        if self.zo.estimator == "projected" and self.zo.distribution != "gaussian":
+            raise ValueError("zo.estimator=projected needs zo.distribution=gaussian (the projection of a "
+                             "unit-sphere draw is not a unit-sphere draw)")
+        if self.stage1.bco.udm_clip_min > self.stage1.bco.udm_clip_max:
+            raise ValueError("stage1.bco.udm_clip_min must not exceed stage1.bco.udm_clip_max")
         return self
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and allowed values."""
+class ConfigError(UserError):
+    """A config file or override is invalid: one (where, what) problem per bad key."""
+
+    def __init__(self, what: "str | list[tuple[str, str]]", where: str = "config"):
+        problems = [(where, what)] if isinstance(what, str) else list(what)
+        self.problems = [(w, one_line(m)) for w, m in problems]
+        super().__init__(*self.problems[0])
+
+    def lines(self) -> list[str]:
+        return [f"{w}: {m}" for w, m in self.problems]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
 
-def _format_validation(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
+def _format_validation(err: ValidationError, origin: str) -> list[tuple[str, str]]:
+    problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
+        where = f"{origin}: {key}" if key else origin
         if e["type"] == "extra_forbidden":
             parent = _section_at(e["loc"][:-1])
             allowed = ", ".join(parent.model_fields) if parent else "?"
-            lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+            problems.append((where, f"unknown key; allowed keys here: {allowed}"))
+        elif e["type"] == "finite_number":
+            problems.append((where, f"must be a finite number (got {e.get('input')!r})"))
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            msg = e["msg"].removeprefix("Value error, ")
+            got = "" if e["type"] == "value_error" else f" (got {e.get('input')!r})"
+            problems.append((where, f"{msg}{got}"))
+    return problems
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
@@ -184,9 +207,13 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. stage1.beta=0.2)")
+        raise ConfigError("not of the form key=value (e.g. stage1.beta=0.2)", f"--set {item}")
     key, _, raw = item.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the value is not valid YAML ({one_line(e, 160)})", f"--set {item}") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -199,7 +226,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if section is not None and part not in section.model_fields:
                 where = ".".join(path[:i]) or "the top level"
                 raise ConfigError(
-                    f"override '{item}': unknown key '{part}' in {where}; allowed: {', '.join(section.model_fields)}"
+                    f"unknown key '{part}' in {where}; allowed: {', '.join(section.model_fields)}", f"--set {item}"
                 )
             if i == len(path) - 1:
                 node[part] = value
@@ -208,39 +235,43 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{'.'.join(path[: i + 1])}' is not a section")
+                raise ConfigError(f"'{'.'.join(path[: i + 1])}' is not a section", f"--set {item}")
             node = child
             if section is not None:
                 field = section.model_fields[part]
                 section = _section_at(tuple(path[: i + 1]))
                 if section is None and "dict" not in str(field.annotation):
-                    raise ConfigError(f"override '{item}': '{'.'.join(path[: i + 1])}' is not a section")
+                    raise ConfigError(f"'{'.'.join(path[: i + 1])}' is not a section", f"--set {item}")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
     data: dict = {}
-    origin = "defaults"
+    origin = "config"
     if path is not None:
         origin = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes().decode("utf-8-sig")
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from e
+            raise ConfigError(f"cannot read the config file: {e.strerror or e}", str(path)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})", str(path)) from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            raise ConfigError(f"not valid YAML ({one_line(e, 200)})", str(path)) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            raise ConfigError("must hold a mapping of config keys at the top level", str(path))
     if overrides:
         data = apply_overrides(data, overrides)
-        origin += " + --set overrides"
+        origin = f"{origin} (with --set)" if path is not None else "--set"
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, origin)) from None
+    except (TypeError, ValueError) as e:  # e.g. a non-string mapping key in the YAML
+        raise ConfigError(f"invalid config ({one_line(e, 200)})", origin) from None
 
 
 def redact(obj: Any) -> Any:

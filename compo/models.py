@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compo.config import RunConfig
+from compo.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,20 +22,87 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_device(name: str) -> torch.device:
+    """The device ``model.device`` names, or a UserError when it does not exist here."""
+    try:
+        dev = resolve_device(name)
+    except (RuntimeError, ValueError):
+        raise UserError("model.device", f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise UserError("model.device", f"{name!r} asked for CUDA, which is not available here (torch "
+                            f"{torch.__version__} is {build}); use model.device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError("model.device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("model.device", f"{name!r}: MPS is not available here; use model.device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError("model.device", f"unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).exists()
+
+
+def check_model_path(key: str, path: str, gguf_file: str | None = None) -> None:
+    """A local checkpoint must exist and hold a config (or the GGUF file); hub names pass."""
+    if path == "toy":
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        if _looks_local(path):
+            raise UserError(key, f"no such model directory: {path}")
+        return
+    if not p.is_dir():
+        raise UserError(key, f"{path} is a file; give the directory written by save_pretrained")
+    if gguf_file:
+        if not (p / gguf_file).is_file():
+            raise UserError("model.gguf_file", f"no file {gguf_file} in {path}")
+    elif not (p / "config.json").is_file():
+        raise UserError(key, f"{path} has no config.json: not a directory written by save_pretrained")
+
+
+def _load_error(path: str, e: BaseException) -> UserError:
+    hint = "" if _looks_local(path) else " (not a local directory, and the hub is not reachable from here?)"
+    from compo.rundir import describe_exc
+
+    return UserError(path, f"cannot load the model{hint}: {describe_exc(e)}")
+
+
+def _tokenizer(path: str, gguf_file: str | None = None):
+    local = Path(path).exists()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception as e:  # noqa: BLE001 - damaged or missing tokenizer files
+        raise _load_error(path, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(cfg: RunConfig, reference_dir: Path | None = None):
+    """The tokenizer alone (cheap), to tokenize and check the data before the model loads."""
+    if cfg.model.path != "toy":
+        return _tokenizer(cfg.model.path, cfg.model.gguf_file)
+    if reference_dir is not None and (reference_dir / "tokenizer.json").exists():
+        return _tokenizer(str(reference_dir))
+    from compo import toy
+
+    return toy.build_tokenizer()
+
+
 def load_pretrained(path: str, cfg: RunConfig, gguf_file: str | None = None):
-    """(model, tokenizer) from a local directory or hub name; a clear error where neither works."""
+    """(model, tokenizer) from a local directory or hub name; a UserError naming it where neither works."""
     kwargs = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    local = Path(path).exists()
+    tokenizer = _tokenizer(path, gguf_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, **({"gguf_file": gguf_file} if gguf_file else {}))
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local, **kwargs)
-    except OSError as e:
-        hint = "" if local else " (it is not a local directory; is there network access to the hub?)"
-        raise RuntimeError(f"cannot load model '{path}'{hint}: {e}") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=Path(path).exists(), **kwargs)
+    except Exception as e:  # noqa: BLE001 - damaged weights, wrong config, no network ...
+        raise _load_error(path, e) from None
     return model.to(resolve_device(cfg.model.device)).eval(), tokenizer
 
 

@@ -6,87 +6,28 @@ them read and write the same run directory (see compo/rundir.py).
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
 import torch
 
-from compo.config import RunConfig, dump_config
-from compo.encode import EncodeResult, encode_rows, pad_id_of
+from compo import fingerprint
+from compo.config import RunConfig
+from compo.encode import EncodeResult
+from compo.errors import Diverged, UserError
 from compo.evaluate import preference_metrics
 from compo.logprobs import PairScores, score_pairs
 from compo.rows import PairRow
-from compo.rundir import RunDir, atomic_write_text, read_jsonl, write_jsonl
+from compo.rundir import write_jsonl
 from compo.split import histogram, noisy_mask, summarize
+from compo.workspace import Workspace, load_data, say, stage_marker  # noqa: F401 - re-exported
+from compo.workspace import open_workspace as _open
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-@dataclass
-class Workspace:
-    """What every stage needs: config, run directory, model, tokenizer, data."""
-
-    cfg: RunConfig
-    run: RunDir
-    model: torch.nn.Module
-    tokenizer: object
-    train: list
-    eval: list[PairRow]
-    kind: str
-
-    @property
-    def pad_id(self) -> int:
-        return pad_id_of(self.tokenizer)
-
-    def encode(self, rows) -> EncodeResult:
-        return encode_rows(rows, self.tokenizer, self.cfg.data.max_length, self.cfg.data.max_prompt_length)
-
-
-def load_data(cfg: RunConfig) -> tuple[list, list[PairRow], str]:
-    """(training rows, held-out pairs, kind). Held-out pairs come from eval_path, a seeded
-    eval_fraction of the data, or, for the toy task, its gold-labelled held-out set."""
-    if cfg.data.path == "toy":
-        from compo import toy
-
-        train, held = toy.toy_dataset(cfg.data.toy, cfg.seed)
-        kind = "paired"
-    else:
-        from compo.data import load_rows
-
-        res = load_rows(cfg.data.path, kind=cfg.data.kind, rating_threshold=cfg.data.rating_threshold,
-                        on_invalid=cfg.data.on_invalid, split=cfg.data.split)
-        train, kind = list(res.rows), res.kind
-        if res.n_skipped:
-            say(f"data: skipped {res.n_skipped} invalid rows of {res.source}: {res.skipped}")
-        held = []
-        if cfg.data.eval_path:
-            ev = load_rows(cfg.data.eval_path, kind="paired", on_invalid=cfg.data.on_invalid, split=cfg.data.split)
-            held = list(ev.rows)
-        elif cfg.data.eval_fraction > 0 and kind == "paired":
-            order = list(range(len(train)))
-            random.Random(cfg.seed).shuffle(order)
-            k = int(len(train) * cfg.data.eval_fraction)
-            held_idx = set(order[:k])
-            held = [r for i, r in enumerate(train) if i in held_idx]
-            train = [r for i, r in enumerate(train) if i not in held_idx]
-    if cfg.data.limit:
-        train = train[: cfg.data.limit]
-    say(f"data: {len(train)} {kind} training rows, {len(held)} held-out pairs")
-    return train, held, kind
-
-
-def open_workspace(cfg: RunConfig) -> Workspace:
-    from compo.models import load_model
-
-    run = RunDir(cfg.run_dir)
-    atomic_write_text(run.config, dump_config(cfg))
-    train, held, kind = load_data(cfg)
-    model_cfg_toy = cfg.model.path == "toy"
-    model, tokenizer = load_model(cfg, run.reference if model_cfg_toy else None)
-    return Workspace(cfg, run, model, tokenizer, train, held, kind)
+def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = False,
+                   force_resume: bool = False) -> Workspace:
+    """Validate everything ``command`` will use, load the model (see compo/workspace.py)."""
+    return _open(cfg, command, resume, force_resume)
 
 
 def _prompt_json(prompt):
@@ -108,25 +49,35 @@ class SplitResult:
         keep = torch.ones_like(self.noisy) if train_on == "all" else ~self.noisy
         idx = keep.nonzero().flatten().tolist()
         if not idx:
-            raise ValueError("no clean pairs to train on: lower split.delta or set stage1.train_on=all")
+            raise UserError("split.delta", "no clean pairs to train on: lower split.delta or set stage1.train_on=all")
         return idx
 
 
+def _split_needs(ws: Workspace) -> tuple[bool, bool]:
+    """(needs clean pairs, needs noisy pairs): what the later stages of this command train on."""
+    cfg = ws.cfg
+    clean = "stage1" in ws.stages and cfg.stage1.train_on == "clean"
+    noisy = "stage2" in ws.stages and cfg.zo.noisy_rule == "paper"
+    return clean, noisy
+
+
 def run_split(ws: Workspace, resume: bool = False) -> SplitResult:
-    """Reference margins for every pair, the noisy mask, split.jsonl and the console summary."""
+    """Reference margins for every pair, the noisy mask, split.jsonl and the console summary.
+
+    A split.jsonl whose fingerprint matches this config (checked at start-up) is reused."""
     cfg, run = ws.cfg, ws.run
     if ws.kind != "paired":
-        raise ValueError("the clean/noisy split needs paired data (chosen/rejected); stage1 KTO/BCO on unpaired data runs with split skipped")
-    enc = ws.encode(ws.train)
+        raise UserError(cfg.data.path, "the clean/noisy split needs paired data (chosen/rejected); stage1 "
+                        "KTO/BCO on unpaired data runs with the split skipped")
+    enc = ws.encoded if ws.encoded is not None else ws.encode(ws.train)
     rows = [ws.train[it.index] for it in enc.items]
-    if resume and run.split.exists():
-        saved = read_jsonl(run.split)
-        if len(saved) == len(rows):
-            scores = PairScores(*(torch.tensor([r[k] for r in saved]) for k in
-                                  ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
-            noisy = torch.tensor([r["noisy"] for r in saved])
-            say(f"split: reusing {run.split} ({int(noisy.sum())} noisy of {len(saved)})")
-            return SplitResult(rows, enc, scores, noisy)
+    if ws.saved_split is not None:
+        saved = ws.saved_split
+        scores = PairScores(*(torch.tensor([r[k] for r in saved]) for k in
+                              ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
+        noisy = torch.tensor([r["noisy"] for r in saved])
+        say(f"split: reusing {run.split} ({int(noisy.sum())} noisy of {len(saved)})")
+        return SplitResult(rows, enc, scores, noisy)
     if enc.n_dropped:
         say(f"split: dropped {enc.n_dropped} pairs whose prompt exceeds data.max_prompt_length={cfg.data.max_prompt_length}")
     ref_model = ws.model
@@ -138,7 +89,19 @@ def run_split(ws: Workspace, resume: bool = False) -> SplitResult:
     if ref_model is not ws.model:
         del ref_model
     margins = scores.chosen - scores.rejected
+    bad = (~torch.isfinite(margins)).nonzero().flatten().tolist()
+    if bad:
+        raise Diverged(f"split: the reference model gives non-finite log-probs for {len(bad)} pairs "
+                       f"(first: {rows[bad[0]].source}); split.jsonl was not written")
     noisy = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile, cfg.split.require_positive)
+    need_clean, need_noisy = _split_needs(ws)
+    if need_clean and not bool((~noisy).any()):
+        raise UserError("split.delta", f"all {len(rows)} pairs are noisy (|margin| < {cfg.split.delta}), so stage 1 "
+                        "has nothing to train on: lower split.delta, use split.rule=quantile or stage1.train_on=all")
+    if need_noisy and not bool(noisy.any()):
+        raise UserError("split.delta", f"no pair is noisy (|margin| < {cfg.split.delta}), so stage 2 has nothing to "
+                        "train on: raise split.delta, use split.rule=quantile, or zo.enabled=false")
+    fingerprint.record(run, "split", None)
     write_jsonl(run.split, (
         {"prompt": _prompt_json(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
          "logp_chosen": float(scores.chosen[i]), "logp_rejected": float(scores.rejected[i]),
@@ -146,6 +109,7 @@ def run_split(ws: Workspace, resume: bool = False) -> SplitResult:
          "margin": float(margins[i]), "noisy": bool(noisy[i]), "source": r.source}
         for i, r in enumerate(rows)
     ))
+    fingerprint.record(run, "split", ws.fingerprints.get("split") or fingerprint.current(cfg, "split"))
     stats = summarize(margins, noisy)
     stats["n_dropped_long_prompt"] = enc.n_dropped
     stats["n_truncated"] = enc.n_truncated
@@ -165,6 +129,8 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     from compo.stage1 import PAIRED_LOSSES, Stage1Data, paired_objective, train_stage1
 
     cfg = ws.cfg
+    if not (resume and (ws.run.checkpoints / "stage1").exists()):
+        fingerprint.record(ws.run, "stage1", ws.fingerprints.get("stage1") or fingerprint.current(cfg, "stage1"))
     if cfg.stage1.loss not in PAIRED_LOSSES:
         from compo.stage1_unpaired import run_unpaired_stage1
 
@@ -172,7 +138,7 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     if split is None:
         from compo.stage1_unpaired import paired_data_message
 
-        raise ValueError(paired_data_message(cfg.stage1.loss, cfg.data.path))
+        raise UserError("stage1.loss", paired_data_message(cfg.stage1.loss, cfg.data.path))
     idx = split.train_indices(cfg.stage1.train_on)
     items = [split.encoded.items[i] for i in idx]
     ref = torch.stack([split.scores.chosen[idx], split.scores.rejected[idx]], dim=1)
@@ -184,6 +150,8 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     final = train_stage1(ws.model, ws.tokenizer, Stage1Data(items, ref), cfg, ws.run,
                          paired_objective(cfg, ws.pad_id), resume=resume)
     final["wall_s"] = round(time.time() - t0, 2)
+    if ws.forced.get("stage1"):
+        final["forced_resume"] = ws.forced["stage1"]
     ws.run.update_summary(stage1=final, model_stage="stage1")
     return final
 
@@ -204,25 +172,46 @@ def _fmt(m: dict, keys=("accuracy", "shift/chosen", "shift/rejected")) -> str:
     return ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
 
 
-def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
+def run_pipeline(cfg: RunConfig, resume: bool = False, force_resume: bool = False) -> dict:
     """split -> stage 1 -> stage 2 -> evaluation, all into cfg.run_dir; returns summary.json."""
     t0 = time.time()
-    ws = open_workspace(cfg)
-    split = run_split(ws, resume) if ws.kind == "paired" else None
+    ws = open_workspace(cfg, "pipeline", resume, force_resume)
+    try:
+        return _pipeline(ws, t0)
+    finally:
+        ws.close()
+
+
+def _resume_finished(ws: Workspace) -> str | None:
+    """Load model/ when it holds a finished stage this run may skip; tidy that stage's leftovers."""
+    done = ws.done_stage
+    if done is None:
+        return None
+
+    from compo.models import load_pretrained
+
+    ws.model, _ = load_pretrained(str(ws.run.model), ws.cfg)
+    marker = stage_marker(ws.run.model) or {}
+    for name in ("zo", "stage1") if done == "stage2" else ("stage1",):
+        ws.run.drop_checkpoints(name)
+    if marker.get("metrics") and ws.run.summary().get("model_stage") != done:
+        ws.run.update_summary(**{done: marker["metrics"]}, model_stage=done)
+    say(f"resume: {ws.run.model} holds the finished {done}; not running it again")
+    return done
+
+
+def _pipeline(ws: Workspace, t0: float) -> dict:
+    cfg = ws.cfg
+    split = run_split(ws, ws.resume) if ws.kind == "paired" else None
     if split is None:
         say("split: skipped (unpaired data has no chosen/rejected margin; see README 'Unpaired data')")
     before, ref_eval = evaluate(ws, label="reference")
     evals = {"reference": before}
     if before:
         say(f"eval reference: {_fmt(before)}")
-    done = ws.run.summary().get("model_stage") if resume else None
-    if done in ("stage1", "stage2"):
-        from compo.models import load_pretrained
-
-        ws.model, _ = load_pretrained(str(ws.run.model), cfg)
-        say(f"resume: {ws.run.model} holds the finished {done}; not running it again")
+    done = _resume_finished(ws)
     if cfg.stage1.enabled and done is None:
-        run_stage1(ws, split, resume)
+        run_stage1(ws, split, ws.resume)
     if cfg.stage1.enabled and done == "stage2":
         evals["stage1"] = ws.run.summary().get("eval", {}).get("stage1", {})
     elif cfg.stage1.enabled:
@@ -233,10 +222,11 @@ def run_pipeline(cfg: RunConfig, resume: bool = False) -> dict:
         from compo.zo.run import run_stage2
 
         if done != "stage2":
-            run_stage2(ws, split, resume)
+            run_stage2(ws, split, ws.resume)
         evals["stage2"], _ = evaluate(ws, ref_eval, "stage2")
         say(f"eval after stage2: {_fmt(evals['stage2'])}")
-    summary = ws.run.update_summary(eval=evals, wall_s=round(time.time() - t0, 2))
+    extra = {"forced_resume": ws.forced} if ws.forced else {}
+    summary = ws.run.update_summary(eval=evals, wall_s=round(time.time() - t0, 2), **extra)
     print_summary(summary)
     return summary
 
@@ -254,6 +244,8 @@ def print_summary(summary: dict) -> None:
     if "stage2" in summary:
         s = summary["stage2"]
         say("  stage2: " + ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, (dict, list))))
+        for w in s.get("warnings", []):
+            say(f"  warning: {w}")
     for name, m in summary.get("eval", {}).items():
         if m:
             say(f"  held-out after {name:9s}: {_fmt(m)}")

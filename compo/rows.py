@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+from compo.errors import UserError
+
 Message = dict  # {"role": str, "content": str}
 Prompt = Union[str, tuple]  # str, or tuple[Message, ...] for conversational data
 
@@ -44,7 +46,7 @@ class UnpairedRow:
         return not isinstance(self.prompt, str)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Invalid input data; the message names the file, the row number and the field."""
 
     def __init__(self, file: str, row: int | None, field_name: str | None, reason: str):
@@ -54,4 +56,4 @@ class DataError(ValueError):
             where += f", row {row}"
         if field_name is not None:
             where += f", field '{field_name}'"
-        super().__init__(f"{where}: {reason}")
+        super().__init__(where, reason)

@@ -1,4 +1,5 @@
-"""The run directory contract and atomic file writes (temp file + rename: nothing half-written)."""
+"""The run directory contract, atomic file writes (temp file + rename: nothing half-written)
+and readers that turn a damaged run-directory file into an error naming that file."""
 
 from __future__ import annotations
 
@@ -7,22 +8,35 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+from compo.errors import CheckpointError, one_line
+
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+STAGE_ORDER = {"stage1": 1, "stage2": 2}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -30,29 +44,82 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise CheckpointError(path, "is a directory, expected a file") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CheckpointError(path, f"line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                                    "the file is damaged") from None
 
 
-def atomic_save_dir(target: str | Path, save: callable) -> None:
-    """Call ``save(tmp_dir)`` then swap the directory into place, so ``target`` is always whole."""
+def read_json(path: str | Path, required: Iterable[str] = ()) -> dict:
+    """A JSON object from a run-directory file; any damage is a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"not valid JSON (line {e.lineno}: {e.msg}); the file is damaged") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(path, f"missing key(s) {', '.join(missing)}; the file is damaged or from another tool")
+    return obj
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """JSON lines from a run-directory file; a bad line is a CheckpointError naming file and line."""
+    path, required = Path(path), tuple(required)
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(path, f"line {n}: not valid JSON ({e.msg}); the file is damaged") from None
+        if not isinstance(row, dict):
+            raise CheckpointError(path, f"line {n}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise CheckpointError(path, f"line {n}: missing key(s) {', '.join(missing)}")
+        rows.append(row)
+    return rows
+
+
+def atomic_save_dir(target: str | Path, save: Callable[[Path], Any]) -> None:
+    """Call ``save(tmp_dir)`` then swap the directory into place, so ``target`` is always whole.
+
+    Between the two renames a kill leaves ``.<name>.old`` and no ``<name>``:
+    :meth:`RunDir.clean_leftovers` puts the old one back.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX))
     try:
         save(tmp)
-        old = target.with_name(f".{target.name}.old")
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = target.with_name(f".{target.name}{OLD_SUFFIX}")
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
+        from compo import faults
+
+        faults.point(f"swap.{target.name}")
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -60,33 +127,105 @@ def atomic_save_dir(target: str | Path, save: callable) -> None:
         raise
 
 
+def clean_dir_leftovers(folder: Path) -> list[str]:
+    """Remove the temp files / dirs of interrupted atomic writes in ``folder``; restore a
+    ``.<name>.old`` whose replacement never arrived. Returns what it did."""
+    done = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        if p.name.endswith(TMP_SUFFIX):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            done.append(f"removed {p}")
+        elif p.name.endswith(OLD_SUFFIX):
+            live = p.with_name(p.name[1 : -len(OLD_SUFFIX)])
+            if live.exists():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                done.append(f"removed {p}")
+            else:
+                os.replace(p, live)
+                done.append(f"restored {live} from an interrupted swap")
+    return done
+
+
 class RunDir:
-    """Paths of one run: config.yaml, split.jsonl, metrics.jsonl, summary.json, reference/, model/."""
+    """Paths of one run: config.yaml, split.jsonl, metrics.jsonl, summary.json, reference/, model/.
+
+    Nothing is created until something is written, so a run that fails validation leaves no trace.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     config = property(lambda self: self.root / "config.yaml")
     split = property(lambda self: self.root / "split.jsonl")
     eval_pairs = property(lambda self: self.root / "eval.jsonl")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     summary_path = property(lambda self: self.root / "summary.json")
+    fingerprint = property(lambda self: self.root / "fingerprint.json")
     reference = property(lambda self: self.root / "reference")
     model = property(lambda self: self.root / "model")
     checkpoints = property(lambda self: self.root / "checkpoints")
 
     def log(self, record: dict) -> None:
         """Append one metrics record (one JSON object per line, flushed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
     def summary(self) -> dict:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+        return read_json(self.summary_path) if self.summary_path.exists() else {}
 
     def update_summary(self, **fields: Any) -> dict:
         s = self.summary()
         s.update(fields)
         atomic_write_json(self.summary_path, s)
         return s
+
+    def truncate_metrics(self, stage: str, upto_step: int) -> int:
+        """Keep the records of earlier stages and of ``stage`` up to ``upto_step``; drop the rest
+        (a resumed stage then logs each step exactly once). Returns the number dropped."""
+        if not self.metrics.exists():
+            return 0
+        order = STAGE_ORDER[stage]
+        rows = read_jsonl(self.metrics)
+        keep = [r for r in rows if STAGE_ORDER.get(r.get("stage"), 0) < order
+                or (r.get("stage") == stage and isinstance(r.get("step"), int) and r["step"] <= upto_step)]
+        if len(keep) != len(rows):
+            write_jsonl(self.metrics, keep)
+        return len(rows) - len(keep)
+
+    def drop_checkpoints(self, name: str) -> None:
+        """Remove a finished stage's checkpoints (and checkpoints/ when nothing is left in it)."""
+        shutil.rmtree(self.checkpoints / name, ignore_errors=True)
+        try:
+            self.checkpoints.rmdir()
+        except OSError:
+            pass
+
+    def clean_leftovers(self) -> list[str]:
+        """Temp entries of interrupted writes in the run dir and its checkpoint folders."""
+        done = []
+        for folder in (self.root, self.checkpoints, self.checkpoints / "stage1"):
+            done += clean_dir_leftovers(folder)
+        return done
+
+
+def check_run_dir(path: str | Path) -> None:
+    """The run directory must be a directory (or not exist yet) under a writable parent."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CheckpointError(p, "the run directory exists and is not a directory")
+    parent = p if p.exists() else next((q for q in p.absolute().parents if q.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise CheckpointError(p, f"cannot create the run directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(p, f"the run directory is not writable ({parent})")
+
+
+def describe_exc(e: BaseException) -> str:
+    """``Type: message`` on one line, for wrapping a library's exception."""
+    return one_line(f"{type(e).__name__}: {e}", 240)

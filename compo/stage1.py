@@ -8,7 +8,6 @@ TRL's names and go to ``metrics.jsonl`` and the console.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -20,10 +19,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from compo import faults
 from compo.config import RunConfig
+from compo.errors import CheckpointError, Diverged
 from compo.encode import Encoded, collate
 from compo.logprobs import sequence_logps
-from compo.rundir import RunDir, atomic_save_dir, atomic_write_json
+from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, describe_exc, read_json
 
 PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 
@@ -93,9 +94,22 @@ def step_rows(step: int, n_rows: int, per_step: int, seed: int) -> list[int]:
     return perm[idx].tolist()
 
 
-def _latest_checkpoint(root: Path) -> Path | None:
-    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+def latest_checkpoint(root: Path) -> Path | None:
+    done = [p for p in root.glob("step-*") if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _check_finite(step: int, what: str, value: float, last: Path | None) -> None:
+    """Stop the run (nothing saved) when a loss or gradient norm is not finite."""
+    if math.isfinite(value):
+        return
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written (stage1.save_steps=0)"
+    raise Diverged(f"stage1 step {step}: non-finite {what} ({value}); model/ was not written and {kept}; "
+                   "lower stage1.learning_rate (or check the data), then rerun (or --resume --force-resume)")
+
+
+def _params_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def train_stage1(
@@ -119,13 +133,23 @@ def train_stage1(
     accelerator.register_for_checkpointing(scheduler)
     ckpt_root = run.checkpoints / "stage1"
     start = 0
-    if resume and (last := _latest_checkpoint(ckpt_root)) is not None:
-        accelerator.load_state(str(last))
-        state = json.loads((last / "trainer_state.json").read_text())
+    last = latest_checkpoint(ckpt_root) if resume else None
+    if last is not None:
+        state = read_json(last / "trainer_state.json", required=("step",))
         start = state["step"]
-        if "state" in hooks and state.get("objective_state") is not None:
-            hooks["state"][1](state["objective_state"])
+        if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= total:
+            raise CheckpointError(last / "trainer_state.json", f"'step' is {start!r} but this run has {total} stage-1 steps")
+        try:
+            accelerator.load_state(str(last))
+            if "state" in hooks and state.get("objective_state") is not None:
+                hooks["state"][1](state["objective_state"])
+        except Exception as e:  # noqa: BLE001 - damaged optimizer / scheduler / RNG files
+            raise CheckpointError(last, f"cannot restore the checkpoint ({describe_exc(e)})") from None
         accelerator.print(f"stage1: resumed from {last} at step {start}/{total}")
+    elif not resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    if accelerator.is_main_process:
+        run.truncate_metrics("stage1", start)
     metrics: dict = {}
     bar = tqdm(range(start, total), desc="stage1", disable=not (progress and accelerator.is_main_process))
     for step in bar:
@@ -137,10 +161,14 @@ def train_stage1(
             sync = accelerator.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 loss, m = objective(model, [data.items[i] for i in mb], data.ref[mb], data, mb)
+                if faults.poisoned("stage1.loss"):
+                    loss = loss * float("nan")
+                _check_finite(step + 1, "loss", float(loss.detach()), last)
                 accelerator.backward(loss / len(micro))
             for k, v in {"loss": loss, **m}.items():
                 sums[k] = sums.get(k, 0.0) + _as_float(v) / len(micro)
-        accelerator.clip_grad_norm_(model.parameters(), s1.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), s1.max_grad_norm)
+        _check_finite(step + 1, "gradient norm", float(grad_norm), last)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,19 +186,40 @@ def train_stage1(
                     shown[label] = f"{metrics[key]:.3f}"
             bar.set_postfix(shown)
         if s1.save_steps and (step + 1) % s1.save_steps == 0 and step + 1 < total:
+            if not _params_finite(model):
+                _check_finite(step + 1, "weights", float("nan"), last)
             _save_checkpoint(accelerator, ckpt_root / f"step-{step + 1}", step + 1, hooks)
+            last = ckpt_root / f"step-{step + 1}"
+        faults.point("stage1.step")
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
+    if not _params_finite(unwrapped):
+        _check_finite(total, "weights", float("nan"), last)
     if accelerator.is_main_process:
-        atomic_save_dir(run.model, lambda d: (unwrapped.save_pretrained(d), tokenizer.save_pretrained(d)))
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+        save_model(run.model, unwrapped, tokenizer, "stage1", metrics)
+        run.drop_checkpoints("stage1")
     return metrics
+
+
+def save_model(target: Path, model, tokenizer, stage: str, metrics: dict, extra=None) -> None:
+    """model/ with the stage marker inside it, swapped in as one directory (see compo.workspace)."""
+    from compo.workspace import STAGE_FILE
+
+    def save(d: Path) -> None:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        if extra is not None:
+            extra(d)
+        atomic_write_json(d / STAGE_FILE, {"stage": stage, "metrics": metrics})
+
+    atomic_save_dir(target, save)
 
 
 def _save_checkpoint(accelerator: Accelerator, path: Path, step: int, hooks: dict) -> None:
     def save(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
+        faults.point("stage1.checkpoint")
         obj_state = hooks["state"][0]() if "state" in hooks else None
         atomic_write_json(tmp / "trainer_state.json", {"step": step, "objective_state": obj_state})
 

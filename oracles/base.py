@@ -67,6 +67,13 @@ class Oracle(ABC):
     def close(self) -> None:
         """Release clients, caches and files."""
 
+    def budget_refusals(self) -> int:
+        """Votes refused so far because a judge's call / token budget is spent (monotonic).
+
+        Stage 2 discards a step during which this grew and pauses at its boundary, so raising
+        the budget and ``--resume`` redo that step with no lost or repeated steps."""
+        return 0
+
 
 def aggregate(per_pair: torch.Tensor, rule: str = "any") -> torch.Tensor:
     """Turn per-pair votes (n, B) in {-1, 0, +1} into one vote per candidate.
@@ -142,8 +149,10 @@ def available_oracles() -> list[str]:
 
 def build_oracle(spec: str, **kwargs: Any) -> Oracle:
     """Instantiate the oracle named ``spec`` with keyword options from the config."""
+    from oracles.options import check_options
+
     cls = load_object(spec, "compo.oracles", _REGISTRY)
-    oracle = cls(**kwargs)
+    oracle = cls(**check_options(cls, kwargs, f"oracle '{spec}'"))
     if not isinstance(oracle, Oracle):
         raise TypeError(f"'{spec}' built a {type(oracle).__name__}, which is not an oracles.Oracle")
     return oracle

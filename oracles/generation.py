@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from oracles.judges.base import PairwiseJudge
 from oracles.base import ABSTAIN, BETTER, NOT_BETTER, Evidence, Oracle, OracleBatch, aggregate, register_oracle
 
 _VOTE = {"B": BETTER, "A": NOT_BETTER, "tie": ABSTAIN, "abstain": ABSTAIN}
@@ -29,11 +30,15 @@ class GenerationOracle(Oracle):
     needs = Evidence.GENERATIONS
     name = "generation"
 
-    def __init__(self, judge: str = "openai", judge_options: dict | None = None, aggregation: str = "any",
+    def __init__(self, judge: str | PairwiseJudge = "openai", judge_options: dict | None = None, aggregation: str = "any",
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0):
-        from oracles.judges import PairwiseJudge, build_judge
+        from oracles.judges import build_judge
+        from oracles.options import OptionError
 
-        self.judge = judge if isinstance(judge, PairwiseJudge) else build_judge(judge, **(judge_options or {}))
+        try:
+            self.judge = judge if isinstance(judge, PairwiseJudge) else build_judge(judge, **(judge_options or {}))
+        except OptionError as e:
+            raise e.under("judge_options") from None
         self.aggregation = aggregation
         aggregate(torch.zeros(1, 1), aggregation)
         self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
@@ -51,6 +56,9 @@ class GenerationOracle(Oracle):
 
     def stats(self) -> dict:
         return self.judge.stats()
+
+    def budget_refusals(self) -> int:
+        return self.judge.budget_refusals
 
     def close(self) -> None:
         self.judge.close()

@@ -10,6 +10,7 @@ from compo import toy
 from compo.config import ZOConfig
 from compo.encode import encode_rows
 from compo.models import untie_head
+from compo.errors import Paused
 from compo.rundir import RunDir, read_jsonl
 from compo.zo.generate import GenerationSettings, HeadGenerator
 from compo.zo.perturb import PerturbationSource
@@ -137,7 +138,9 @@ def test_a_quit_stops_at_a_step_boundary_and_resume_continues(setup, tmp_path):
     run = RunDir(tmp_path)
     cfg = _cfg(radius=0.5, chunk_size=8)  # one judge call per step
     tr = ZOTrainer(model, cfg, 0, GenerationOracle(QuitAtCall(3), max_new_tokens=4), 0, tokenizer=tok)
-    totals = tr.train(items, texts, run, progress=False)
+    with pytest.raises(Paused, match="paused before step 3 of 3: quit by the user") as e:
+        tr.train(items, texts, run, progress=False)
+    totals = e.value.totals
     assert totals["steps"] == 2 and "stopped before step 3" in totals["stopped"]
     assert len([r for r in read_jsonl(run.metrics) if r["stage"] == "stage2"]) == 2
     from safetensors.torch import load_file

@@ -258,5 +258,5 @@ def test_dpo_on_unpaired_data_is_a_clear_error(tmp_path, reference_dir, capsys):
     rc = cli.main(["pipeline", "--set", f"data.path={data}", "--set", "stage1.loss=dpo", "--set", "zo.enabled=false",
                    "--set", "data.max_length=32", "--set", "data.max_prompt_length=16", "--run-dir", str(run)])
     err = " ".join(capsys.readouterr().err.split())
-    assert rc == 1
+    assert rc == 2
     assert "stage1.loss=dpo needs paired data" in err and "unpaired rows" in err and "kto" in err, err

@@ -79,6 +79,69 @@ def capture(model, items, pad_id: int, check: bool = True) -> HeadInputs:
     return HeadInputs(h, targets, seq, len(seqs), None, bias)
 
 
+@dataclass
+class SelfCheck:
+    """The outcome of :func:`self_check`: per-sequence mean per-token errors against a tolerance."""
+
+    err: torch.Tensor  # (n_seq,) |reference - forward| / n_tokens, nats per token
+    tol: float  # per-token tolerance used
+    max_abs_logit: float
+    dtype: torch.dtype
+
+    @property
+    def max_err(self) -> float:
+        return float(self.err.max()) if self.err.numel() else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.max_err <= self.tol
+
+
+def self_check_tolerance(dtype: torch.dtype, max_abs_logit: float, floor: float = 2e-3, k: float = 1.0) -> float:
+    """Per-token tolerance of the stage-2 self-check: ``max(floor, k * eps(dtype) * max|logit|)``.
+
+    Why this scale: rounding a logit z to ``dtype`` moves it by at most half an ulp,
+    ``eps/2 * |z|``, and a token's log-prob ``z_y - logsumexp(z)`` moves by at most
+    ``|dz_y| + max_i |dz_i|``; so ``eps * max|logit|`` (k = 1) is the worst-case per-token
+    effect of the model's own logit rounding. Rounding errors grow with the logit scale: the
+    fp32 head on upcast hidden states misses a bf16 forward by ~1e-2 nats/token at realistic
+    logits (std ~8, max ~30; SmolLM2-135M bf16: 6.2e-3), an fp16 one by ~3e-3, both over 2e-3.
+    :func:`self_check` recomputes the rounded logits themselves, so the two sides differ only
+    where a kernel accumulates in another order (an occasional 1-ulp flip): measured <= 5e-6
+    nats/token on the CPU in fp32, bf16 and fp16, against tolerances of ~0.23 (bf16) and ~0.029
+    (fp16) at max|logit| ~ 30. Logit post-processing moves log-probs by whole nats (on the same
+    model: soft-capping ``30 tanh(z/30)`` 2.8, ``5 tanh(z/5)`` 15, a logit scale of 0.5 11
+    nats/token) and stays detected. ``floor`` keeps fp32 (eps ~ 1.2e-7) at the fixed 2e-3
+    nats/token the check always used.
+    """
+    return max(floor, k * torch.finfo(dtype).eps * max_abs_logit)
+
+
+@torch.no_grad()
+def self_check(inp: HeadInputs, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               floor: float = 2e-3, k: float = 1.0) -> SelfCheck:
+    """Do the cached hidden states and the output layer reproduce the model's own log-probs?
+
+    Stage 2 assumes ``logits = h W^T (+ b)`` exactly: a model that post-processes its logits
+    (Gemma-2 final soft-capping ``30 tanh(z/30)``, Cohere's ``logit_scale``) would be trained
+    on a head its forward does not use. The reference log-probs are computed the way the model
+    computes them: the head (``weight``, ``bias``: the model's own, in its dtype) applied in
+    that dtype to the hidden states, then a log-softmax in fp32. ``inp.h`` is the head's input
+    upcast to fp32, which is exact, so ``inp.h.to(weight.dtype)`` is that input bit for bit.
+    So a bf16/fp16 model is not flagged for the rounding of its own logits, as it was when the
+    fp32 master head was compared with a fixed 2e-3. The per-sequence mean per-token error
+    against ``inp.forward_logps`` must stay within :func:`self_check_tolerance`.
+    """
+    if inp.forward_logps is None:
+        raise ValueError("self_check needs HeadInputs captured with check=True")
+    h = inp.h.to(device=weight.device, dtype=weight.dtype)
+    logits = torch.nn.functional.linear(h, weight, None if bias is None else bias.to(weight.dtype)).float()
+    max_abs = float(logits.abs().max()) if logits.numel() else 0.0
+    n_tok = torch.bincount(inp.seq, minlength=inp.n_seq).to(logits.dtype).clamp(min=1)
+    err = (logits_logps(logits, inp, inplace=True) - inp.forward_logps.to(logits.device)).abs() / n_tok
+    return SelfCheck(err, self_check_tolerance(weight.dtype, max_abs, floor, k), max_abs, weight.dtype)
+
+
 def _seq_sums(tok: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
     """Sum per-token values (..., T) into per-sequence sums (..., n_seq)."""
     out = torch.zeros((*tok.shape[:-1], n_seq), dtype=tok.dtype, device=tok.device)

@@ -7,7 +7,6 @@ import time
 from safetensors.torch import save_file
 
 from compo.logprobs import score_pairs
-from compo.rundir import atomic_save_dir
 from compo.split import noisy_mask
 from oracles.base import build_oracle
 
@@ -27,27 +26,52 @@ def select_noisy(ws, split) -> list[int]:
     return mask.nonzero().flatten().tolist()
 
 
+def _noisy_shifts(before, after) -> dict:
+    """The likelihood-displacement signal of stage 2 itself: chosen should rise, rejected fall."""
+    return {
+        "noisy/shift_chosen": float((after.chosen - before.chosen).mean()),
+        "noisy/shift_rejected": float((after.rejected - before.rejected).mean()),
+        "noisy/frac_chosen_up": float((after.chosen > before.chosen).float().mean()),
+        "noisy/frac_rejected_down": float((after.rejected < before.rejected).float().mean()),
+    }
+
+
 def run_stage2(ws, split, resume: bool = False) -> dict:
     """Stage 2 on the noisy pairs of ``split``; under torchrun the m perturbations of each step
     are shared out across processes and only votes travel (the result does not depend on the
-    number of processes)."""
+    number of processes). A pause (judge budget spent, human quit) keeps model/ as it was,
+    records why in summary.json and raises :class:`~compo.errors.Paused`."""
+    from compo import fingerprint
     from compo.dist import init_distributed, world_info
+    from compo.errors import Paused, UserError
+    from compo.stage1 import save_model
     from compo.zo.trainer import ZOTrainer
+    from compo.workspace import build_oracles
 
     init_distributed()
 
     cfg = ws.cfg
     idx = select_noisy(ws, split)
-    oracle = build_oracle(cfg.zo.oracle.name, **cfg.zo.oracle.options)
-    accept = build_oracle(cfg.zo.accept_oracle.name, **cfg.zo.accept_oracle.options) if cfg.zo.accept_oracle else None
+    if not idx:
+        raise UserError("split.delta", f"stage 2 has no noisy pairs to train on (rule={cfg.zo.noisy_rule}, "
+                        f"delta={cfg.split.delta}): raise split.delta or use split.rule=quantile")
+    oracle, accept = ws.oracles if ws.oracles is not None else build_oracles(cfg)
+    ws.oracles = None  # closed below
     print(f"stage2: ComPO on {len(idx)} noisy pairs (rule={cfg.zo.noisy_rule}), m={cfg.zo.m}, "
           f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}", flush=True)
+    rank0 = world_info()[1] == 0
+    if rank0 and not (resume and (ws.run.checkpoints / "zo").exists()):
+        fingerprint.record(ws.run, "stage2", ws.fingerprints.get("stage2") or fingerprint.current(cfg, "stage2"))
     noisy_items = [split.encoded.items[i] for i in idx]
     before = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs before")
     t0 = time.time()
     trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
     try:
-        totals = trainer.train([split.encoded.items[i] for i in idx], [split.rows[i] for i in idx], ws.run, resume)
+        totals = trainer.train(noisy_items, [split.rows[i] for i in idx], ws.run, resume)
+    except Paused as e:
+        if rank0:
+            ws.run.update_summary(stage2={"stopped": str(e), "steps_done": e.totals.get("steps", 0)})
+        raise
     finally:
         oracle.close()
         if accept is not None:
@@ -58,19 +82,18 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
         "skip_reasons": totals["skip_reasons"], "mean_frac_minus": totals["sum_frac_minus"] / steps,
         "n_noisy_pairs": len(idx), "untied_head": trainer.untied, "wall_s": round(time.time() - t0, 2),
     }
-    for key in ("stopped", "budget_exhausted"):
+    for key in ("budget_exhausted", "warnings"):
         if key in totals:
             final[key] = totals[key]
+    if ws.forced.get("stage2"):
+        final["forced_resume"] = ws.forced["stage2"]
     after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after")
-    # the likelihood-displacement signal of stage 2 itself: chosen should rise, rejected fall
-    final["noisy/shift_chosen"] = float((after.chosen - before.chosen).mean())
-    final["noisy/shift_rejected"] = float((after.rejected - before.rejected).mean())
-    final["noisy/frac_chosen_up"] = float((after.chosen > before.chosen).float().mean())
-    final["noisy/frac_rejected_down"] = float((after.rejected < before.rejected).float().mean())
-    if world_info()[1] != 0:
+    final.update(_noisy_shifts(before, after))
+    if not rank0:
         return final
-    model, tok = ws.model, ws.tokenizer
-    atomic_save_dir(ws.run.model, lambda d: (model.save_pretrained(d), tok.save_pretrained(d),
-                                             save_file({"weight": trainer.w.contiguous().cpu()}, str(d / "zo_head_fp32.safetensors"))))
+    w = trainer.w
+    save_model(ws.run.model, ws.model, ws.tokenizer, "stage2", final,
+               extra=lambda d: save_file({"weight": w.contiguous().cpu()}, str(d / "zo_head_fp32.safetensors")))
+    ws.run.drop_checkpoints("zo")
     ws.run.update_summary(stage2=final, model_stage="stage2")
     return final

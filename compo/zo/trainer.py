@@ -4,20 +4,22 @@ head; checkpoint atomically so a killed run resumes bit-identically."""
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from compo import faults
 from compo.config import ZOConfig
-from compo.dist import world_info
+from compo.dist import all_reduce_sum, world_info
+from compo.errors import CheckpointError, Diverged, Paused
 from compo.models import untie_head
-from compo.rundir import RunDir, atomic_save_dir, atomic_write_json
+from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
 from compo.zo.estimator import normalise, proposed_head, skip_reason, sparsify
 from compo.zo.head import (
     HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, projection_basis,
@@ -26,13 +28,20 @@ from compo.zo.perturb import PerturbationSource
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.judges.base import JudgeQuit
 
-CHECK_ATOL_PER_TOKEN = 2e-3
+CHECK_ATOL_PER_TOKEN = 2e-3  # self-check floor (fp32); bf16/fp16 scale up: head.self_check_tolerance
+
+
+LARGE_UPDATE = 0.1  # warn once when a step moves the head by more than this fraction of its norm
+
+
+class BudgetSpent(JudgeQuit):
+    """A judge refused votes for lack of budget during a step: the step is redone on --resume."""
 
 
 def _comm_device(device: torch.device) -> torch.device:
     import torch.distributed as dist
 
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_gather_votes(votes: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -119,14 +128,21 @@ class ZOTrainer:
         return buf[:numel]
 
     def _check_head(self, inp: HeadInputs, base_lp: torch.Tensor) -> None:
-        """The cached head must reproduce the model's own log-probs (no hidden logit post-processing)."""
-        n_tok = torch.bincount(inp.seq, minlength=inp.n_seq).float()
-        err = (base_lp - inp.forward_logps).abs() / n_tok.clamp(min=1)
-        if float(err.max()) > CHECK_ATOL_PER_TOKEN:
+        """The cached head must reproduce the model's own log-probs (no hidden logit post-processing).
+
+        The reference is the head applied in the model's dtype (``head.self_check``), with a
+        tolerance that follows that dtype's precision: ``base_lp`` (the fp32 master head on
+        upcast hidden states) differs from a bf16/fp16 forward by rounding alone.
+        """
+        from compo.zo.head import self_check
+
+        chk = self_check(inp, self.head.weight.detach(), getattr(self.head, "bias", None), floor=CHECK_ATOL_PER_TOKEN)
+        if not chk.ok:
             raise RuntimeError(
                 f"the output layer's input does not reproduce the model's log-probs (max per-token error "
-                f"{float(err.max()):.2e}); the model post-processes logits (soft-capping or scaling?), "
-                "which stage 2 does not support")
+                f"{chk.max_err:.2e} > tolerance {chk.tol:.2e} for {str(chk.dtype).removeprefix('torch.')}, "
+                f"max |logit| {chk.max_abs_logit:.1f}); the model post-processes logits (soft-capping or "
+                "scaling?), which stage 2 does not support")
         self.checked = True
 
     @torch.no_grad()
@@ -138,6 +154,10 @@ class ZOTrainer:
         inp = capture(self.model, items, self.pad_id, check=not self.checked)
         base = base_logits(self.w, inp)
         base_lp = logits_logps(base, inp)
+        if not torch.isfinite(base_lp).all():
+            raise Diverged(f"stage2 step {t + 1}: the model's log-probs of the step's pairs are not finite "
+                           "(the body or the head holds non-finite values)")
+        refused0 = self._refusals()
         if not self.checked:
             self._check_head(inp, base_lp)
         v, hdim = self.w.shape
@@ -177,6 +197,10 @@ class ZOTrainer:
                 z = source.draw(t, idx, out=buf)
                 accumulate(idx, z, source.scales(z))
         t_perturb = time.perf_counter() - t1
+        if faults.poisoned("zo.votes"):
+            u.fill_(float("nan"))
+        if not torch.isfinite(u).all():
+            raise Diverged(f"stage2 step {t + 1}: the estimate sum(y_i z_i) is not finite (zo.radius={cfg.radius})")
         n_minus = int((votes == BETTER).sum())
         frac = n_minus / cfg.m
         rec: dict = {"stage": "stage2", "step": t + 1, "n_minus": n_minus, "frac_minus": frac,
@@ -200,17 +224,29 @@ class ZOTrainer:
             rec["accepted"] = bool(int(verdict[0]) == BETTER)
             if not rec["accepted"]:
                 reason, new_w = "rejected by the acceptance check", None
+        if self._refused_anywhere(self._refusals() - refused0, device):
+            raise BudgetSpent(f"the judge's budget ran out during step {t + 1} (its votes would be incomplete); "
+                              "raise max_calls / max_tokens_total and --resume to redo that step (answers already "
+                              "paid for are cached)")
+        if new_w is not None and faults.poisoned("zo.update"):
+            new_w = new_w * float("inf")
+        if new_w is not None and not torch.isfinite(new_w).all():
+            raise Diverged(f"stage2 step {t + 1}: the updated head is not finite (zo.gamma={cfg.gamma}); "
+                           "model/ was not written and the last checkpoint is kept")
         after_lp = base_lp
         if new_w is not None:
             dtype = self.head.weight.dtype
             rec["frac_changed"] = int(torch.count_nonzero(new_w.to(dtype) != self.w.to(dtype))) / new_w.numel()
             rec["frac_kept"] = int(torch.count_nonzero(g_sparse)) / g_sparse.numel()
             rec["update_norm"] = float(torch.linalg.vector_norm(new_w - self.w, dtype=torch.float64))
+            rec["update_ratio"] = rec["update_norm"] / max(float(torch.linalg.vector_norm(self.w, dtype=torch.float64)), 1e-30)
             self.w = new_w
             self.head.weight.data.copy_(new_w.to(dtype))
             after_lp = head_logps(self.w, inp)
+            if not torch.isfinite(after_lp).all():
+                raise Diverged(f"stage2 step {t + 1}: the updated head gives non-finite log-probs (zo.gamma={cfg.gamma})")
         else:
-            rec.update(frac_changed=0.0, frac_kept=0.0, update_norm=0.0)
+            rec.update(frac_changed=0.0, frac_kept=0.0, update_norm=0.0, update_ratio=0.0)
         rec["skipped"] = reason is not None
         rec["skip_reason"] = reason
         b = inp.n_pairs
@@ -224,6 +260,14 @@ class ZOTrainer:
         rec["chunk"] = c
         rec.update({f"oracle/{k}": val for k, val in self.oracle.stats().items()})
         return rec
+
+    def _refusals(self) -> int:
+        return sum(o.budget_refusals() for o in {id(o): o for o in (self.oracle, self.accept_oracle)}.values())
+
+    @staticmethod
+    def _refused_anywhere(n: int, device: torch.device) -> bool:
+        """Whether any process had a vote refused for budget this step (all ranks agree)."""
+        return bool(all_reduce_sum(torch.tensor([n], dtype=torch.float64), _comm_device(device)).item() > 0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -247,24 +291,35 @@ class ZOTrainer:
         total = self.total_steps(len(items))
         totals = {"steps": 0, "steps_taken": 0, "steps_skipped": 0, "skip_reasons": {}, "sum_frac_minus": 0.0}
         start = 0
-        if resume and (ckpt_dir / "state.json").exists():
-            state = json.loads((ckpt_dir / "state.json").read_text())
-            self.w = load_file(str(ckpt_dir / "head.safetensors"))["weight"].to(self.w.device)
-            self.head.weight.data.copy_(self.w.to(self.head.weight.dtype))
-            start, totals = state["step"], state["totals"]
+        rank0 = world_info()[1] == 0
+        if resume and ckpt_dir.exists():
+            start, totals = self.load_checkpoint(ckpt_dir, total)
             print(f"stage2: resumed from {ckpt_dir} at step {start}/{total}", flush=True)
-        bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress or world_info()[1] != 0)
+        elif rank0:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if rank0:
+            run.truncate_metrics("stage2", start)
+        bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress or not rank0)
         for t in bar:
             idx = self.pairs_for_step(t, len(items))
             try:
                 rec = self.step(t, [items[i] for i in idx], [texts[i] for i in idx])
             except JudgeQuit as e:
-                self.save_checkpoint(ckpt_dir, t, totals)
+                if rank0:
+                    self.save_checkpoint(ckpt_dir, t, totals)
                 totals["stopped"] = f"{e}; stopped before step {t + 1}, --resume continues from there"
                 print(f"stage2: {totals['stopped']}", flush=True)
-                break
-            if world_info()[1] == 0:
+                raise Paused(f"stage2 paused before step {t + 1} of {total}: {e}; the checkpoint is in "
+                             f"{ckpt_dir} and --resume continues from there", totals) from None
+            if rank0:
                 run.log(rec)
+            if rec.get("update_ratio", 0.0) > LARGE_UPDATE and not totals.get("large_update_warned"):
+                totals["large_update_warned"] = True
+                msg = (f"stage2 step {t + 1}: the update moved the head by {100 * rec['update_ratio']:.1f}% of its "
+                       f"norm (zo.gamma={self.cfg.gamma}); steps that large leave the linear regime the oracle "
+                       "votes in and usually hurt: lower zo.gamma")
+                totals.setdefault("warnings", []).append(msg)
+                print(f"warning: {msg}", flush=True)
             if rec.get("oracle/budget_exhausted") and not totals.get("budget_exhausted"):
                 totals["budget_exhausted"] = True
                 print(f"stage2: the judge's budget is spent at step {t + 1}: from here on its votes abstain "
@@ -281,15 +336,30 @@ class ZOTrainer:
             if self.cfg.checkpoint_every and (t + 1) % self.cfg.checkpoint_every == 0 and t + 1 < total:
                 if world_info()[1] == 0:
                     self.save_checkpoint(ckpt_dir, t + 1, totals)
+            faults.point("zo.step")
             if callback is not None:
                 callback(t + 1, rec)
         return totals
+
+    def load_checkpoint(self, ckpt_dir: Path, total: int) -> tuple[int, dict]:
+        """Restore the head and totals from ``ckpt_dir``, checking step range, shape and values."""
+        from compo.checks import ZO_STATE_KEYS, check_head_file
+
+        state = read_json(ckpt_dir / "state.json", required=ZO_STATE_KEYS)
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+            raise CheckpointError(ckpt_dir / "state.json", f"'step' is {step!r} but this run has {total} stage-2 steps")
+        w = check_head_file(ckpt_dir / "head.safetensors", tuple(self.w.shape))
+        self.w = w.to(self.w.device)
+        self.head.weight.data.copy_(self.w.to(self.head.weight.dtype))
+        return step, state["totals"]
 
     def save_checkpoint(self, ckpt_dir: Path, step: int, totals: dict) -> None:
         """Head (fp32 master), step, seed and totals, written as one directory swap."""
 
         def save(tmp: Path) -> None:
             save_file({"weight": self.w.contiguous().cpu()}, str(tmp / "head.safetensors"))
+            faults.point("zo.checkpoint")
             atomic_write_json(tmp / "state.json", {"step": step, "seed": self.seed, "totals": totals,
                                                    "m": self.cfg.m, "radius": self.cfg.radius})
 

@@ -253,6 +253,7 @@ class APIJudge(PairwiseJudge):
         self._budget_lock = threading.Lock()
         self._spent_calls = 0
         self._spent_tokens = 0
+        self._refused = 0
         self._loop_thread: _LoopThread | None = None
         self._loop_lock = threading.Lock()
         self._client: Any = None
@@ -297,6 +298,11 @@ class APIJudge(PairwiseJudge):
             return (self.max_calls is not None and self._spent_calls >= self.max_calls) or (
                 self.max_tokens_total is not None and self._spent_tokens >= self.max_tokens_total
             )
+
+    @property
+    def budget_refusals(self) -> int:
+        with self._budget_lock:
+            return self._refused
 
     def budget_spent(self) -> dict:
         """Requests and billed tokens charged against the budget so far."""
@@ -457,6 +463,8 @@ class APIJudge(PairwiseJudge):
                 return hit
             if not self._reserve_budget():
                 self._count("budget_skipped")
+                with self._budget_lock:
+                    self._refused += 1
                 return _Reply(None, "budget")
             self._count("calls")
             user_text = render(self.template, prompt, first, second)

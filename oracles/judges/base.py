@@ -124,6 +124,11 @@ class PairwiseJudge(ABC):
     def budget_exhausted(self) -> bool:
         return False
 
+    @property
+    def budget_refusals(self) -> int:
+        """Requests refused so far because the budget is spent (monotonic, never reset)."""
+        return 0
+
     def stats(self) -> dict:
         """Counters since the last call (see :data:`STAT_KEYS`), then reset them.
 
@@ -167,8 +172,10 @@ def available_judges() -> list[str]:
 def build_judge(spec: str, **kwargs: Any) -> PairwiseJudge:
     """Instantiate the judge ``spec``: a registered name, an entry point in group
     ``compo.judges``, or ``module:Class``; ``kwargs`` go to its constructor."""
+    from oracles.options import check_options
+
     factory = load_object(spec, JUDGE_GROUP, _REGISTRY)
-    judge = factory(**kwargs)
+    judge = factory(**check_options(factory, kwargs, f"judge '{spec}'"))
     if not isinstance(judge, PairwiseJudge):
         raise TypeError(f"'{spec}' built a {type(judge).__name__}, which is not a PairwiseJudge")
     return judge

@@ -1,0 +1,165 @@
+"""Start-up checks of what a run directory already holds: the saved split, the finished-stage
+marker in model/, and checkpoints (fingerprint, step range, tensor names and shapes).
+
+Every problem is a :class:`~compo.errors.CheckpointError` naming the file, raised before any
+work; ``--resume`` with a different config refuses (:mod:`compo.fingerprint`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from compo import fingerprint
+from compo.errors import CheckpointError
+from compo.rundir import describe_exc, read_json, read_jsonl
+
+SPLIT_KEYS = ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens", "noisy")
+ZO_STATE_KEYS = ("step", "seed", "totals", "m", "radius")
+ZO_TOTAL_KEYS = ("steps", "steps_taken", "steps_skipped", "skip_reasons", "sum_frac_minus")
+
+
+def read_split(path: Path, n_pairs: int) -> list[dict]:
+    """split.jsonl rows, checked: the required keys, finite numbers, one row per pair."""
+    rows = read_jsonl(path, required=SPLIT_KEYS)
+    if len(rows) != n_pairs:
+        raise CheckpointError(path, f"holds {len(rows)} rows but the data has {n_pairs} usable pairs; "
+                              "the file is damaged or from another data set")
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r["noisy"], bool):
+            raise CheckpointError(path, f"line {n}: 'noisy' must be true or false, got {r['noisy']!r}")
+        for k in SPLIT_KEYS[:4]:
+            v = r[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise CheckpointError(path, f"line {n}: '{k}' must be a finite number, got {v!r}")
+    return rows
+
+
+def _has_artifacts(ws, stage: str) -> bool:
+    run = ws.run
+    if stage == "split":
+        return run.split.exists()
+    if stage == "stage1":
+        return (run.checkpoints / "stage1").exists() or ws.done_stage in ("stage1", "stage2")
+    return (run.checkpoints / "zo").exists() or ws.done_stage == "stage2"
+
+
+def check_saved_state(ws) -> None:
+    """Before the model is loaded: what is finished, what may be reused, and whether a resume fits."""
+    from compo.workspace import stage_marker
+
+    run, stages = ws.run, ws.stages
+    marker = stage_marker(run.model) if run.model.exists() else None
+    if ws.resume and marker is not None:
+        done = marker["stage"]
+        if done not in ("stage1", "stage2"):
+            raise CheckpointError(run.model / "compo_stage.json", f"unknown stage {done!r}")
+        if done in stages:  # `compo zo` starts from model.path: a finished stage1 there is not its own
+            ws.done_stage = done
+    for stage in stages:
+        fp = ws.fingerprints[stage]
+        if ws.resume and _has_artifacts(ws, stage):
+            diff = fingerprint.check(run, stage, fp, ws.force_resume)
+            if diff:
+                ws.forced[stage] = diff
+    if "split" in stages and run.split.exists():
+        same = fingerprint.recorded(run).get("split") == ws.fingerprints["split"] or "split" in ws.forced
+        if ws.resume or same:
+            ws.saved_split = read_split(run.split, len(ws.encoded.items))
+    if ws.resume and "stage2" in stages and ws.done_stage != "stage2":
+        _check_zo_state(ws)
+
+
+def _check_zo_state(ws) -> None:
+    d = ws.run.checkpoints / "zo"
+    if not d.exists():
+        return
+    state_path = d / "state.json"
+    if not state_path.exists():
+        raise CheckpointError(d, "incomplete checkpoint (no state.json); delete the folder to restart stage 2")
+    state = read_json(state_path, required=ZO_STATE_KEYS)
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(state_path, f"'step' must be a whole number >= 0, got {step!r}")
+    if not isinstance(state["totals"], dict) or any(k not in state["totals"] for k in ZO_TOTAL_KEYS):
+        raise CheckpointError(state_path, f"'totals' must hold {', '.join(ZO_TOTAL_KEYS)}")
+    if state["seed"] != ws.cfg.seed and not ws.force_resume:
+        raise CheckpointError(state_path, f"written with seed {state['seed']}, this run has seed {ws.cfg.seed}")
+    if ws.saved_split is not None and ws.cfg.zo.noisy_rule == "paper":
+        n = sum(r["noisy"] for r in ws.saved_split)
+        total = ws.cfg.zo.max_steps or ws.cfg.zo.epochs * max(1, math.ceil(n / ws.cfg.zo.pairs_per_step))
+        if step > total:
+            raise CheckpointError(state_path, f"'step' is {step} but this run has {total} stage-2 steps")
+    if not (d / "head.safetensors").exists():
+        raise CheckpointError(d / "head.safetensors", "missing: the checkpoint is incomplete")
+
+
+def _tensor_file(path: Path, expect: dict[str, tuple], exact: bool = True) -> None:
+    """Open a safetensors file and check tensor names and shapes. ``exact``: exactly the names of
+    ``expect``; otherwise a non-empty subset of them (tied weights are saved once)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = [k for k in expect if k not in keys]
+            if (exact and missing) or not keys:
+                raise CheckpointError(path, f"missing tensor(s) {', '.join(missing[:3])}; not a checkpoint of this model")
+            extra = sorted(keys - set(expect))
+            if extra:
+                raise CheckpointError(path, f"unexpected tensor(s) {', '.join(extra[:3])}; not a checkpoint of this model")
+            for k in keys:
+                got = tuple(f.get_slice(k).get_shape())
+                if got != tuple(expect[k]):
+                    raise CheckpointError(path, f"tensor '{k}' has shape {list(got)}, this model needs {list(expect[k])}")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise CheckpointError(path, f"cannot read the tensors ({describe_exc(e)}); the file is damaged") from None
+
+
+def check_head_file(path: Path, shape: tuple) -> torch.Tensor:
+    """Load a saved fp32 head (``weight``) after checking its name, shape, dtype and values."""
+    from safetensors.torch import load_file
+
+    _tensor_file(path, {"weight": shape})
+    w = load_file(str(path))["weight"]
+    if w.dtype != torch.float32:
+        raise CheckpointError(path, f"the head is {w.dtype}, expected torch.float32")
+    if not torch.isfinite(w).all():
+        raise CheckpointError(path, "the head holds non-finite values")
+    return w
+
+
+def check_checkpoints(ws) -> None:
+    """After the model is loaded: checkpoint tensors must fit it."""
+    if not ws.resume:
+        return
+    sd_shapes = {k: tuple(v.shape) for k, v in ws.model.state_dict().items()}
+    if ws.done_stage is not None:
+        files = sorted(ws.run.model.glob("*.safetensors"))
+        files = [f for f in files if f.name != "zo_head_fp32.safetensors"]
+        if not files:
+            raise CheckpointError(ws.run.model, "holds no *.safetensors weights; the directory is damaged")
+        for f in files:
+            _tensor_file(f, sd_shapes, exact=False)
+    head = ws.model.get_output_embeddings().weight
+    zo_head = ws.run.checkpoints / "zo" / "head.safetensors"
+    if "stage2" in ws.stages and ws.done_stage != "stage2" and zo_head.exists():
+        check_head_file(zo_head, tuple(head.shape))
+    root = ws.run.checkpoints / "stage1"
+    if "stage1" in ws.stages and ws.done_stage is None and root.exists():
+        from compo.stage1 import latest_checkpoint
+
+        last = latest_checkpoint(root)
+        if last is None:
+            return
+        state = read_json(last / "trainer_state.json", required=("step",))
+        if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 1:
+            raise CheckpointError(last / "trainer_state.json", f"'step' must be a whole number >= 1, got {state['step']!r}")
+        weights = last / "model.safetensors"
+        if not weights.exists():
+            raise CheckpointError(weights, "missing: the checkpoint is incomplete")
+        _tensor_file(weights, sd_shapes, exact=False)

@@ -1,0 +1,195 @@
+"""Opening a run: validate everything a command will use, then load the model.
+
+Order (cheap checks first, nothing written until all pass): run directory, device, oracle and
+judge names/options (constructed, so a missing API key fails here), model paths, data (read,
+normalised and tokenized: zero usable rows is an error), the saved split and checkpoints when
+resuming (fingerprints compared), the model. Only then are leftovers of interrupted writes
+cleaned and ``config.yaml`` written: a run that fails validation leaves the run directory as
+it was.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compo import fingerprint
+from compo.config import RunConfig, dump_config
+from compo.encode import EncodeResult, encode_rows, pad_id_of
+from compo.errors import UserError
+from compo.rows import PairRow
+from compo.rundir import RunDir, atomic_write_text, check_run_dir
+
+STAGE_FILE = "compo_stage.json"  # inside model/: which stage it holds (swapped in with the weights)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Workspace:
+    """What every stage needs: config, run directory, model, tokenizer, data."""
+
+    cfg: RunConfig
+    run: RunDir
+    model: torch.nn.Module
+    tokenizer: object
+    train: list
+    eval: list[PairRow]
+    kind: str
+    resume: bool = False
+    force_resume: bool = False
+    done_stage: str | None = None  # the finished stage model/ holds (resume only)
+    saved_split: list[dict] | None = None  # split.jsonl rows that match this config
+    oracles: tuple | None = None  # (voting oracle, acceptance oracle or None), built at start-up
+    forced: dict = field(default_factory=dict)  # stage -> keys that differed under --force-resume
+    fingerprints: dict = field(default_factory=dict)  # stage -> its fingerprint for this config
+    stages: list = field(default_factory=list)  # what this command runs
+    encoded: EncodeResult | None = None  # the training rows, tokenized
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id_of(self.tokenizer)
+
+    def encode(self, rows) -> EncodeResult:
+        return encode_rows(rows, self.tokenizer, self.cfg.data.max_length, self.cfg.data.max_prompt_length)
+
+    def close(self) -> None:
+        for o in self.oracles or ():
+            if o is not None:
+                o.close()
+        self.oracles = None
+
+
+def load_data(cfg: RunConfig) -> tuple[list, list[PairRow], str]:
+    """(training rows, held-out pairs, kind). Held-out pairs come from eval_path, a seeded
+    eval_fraction of the data, or, for the toy task, its gold-labelled held-out set."""
+    if cfg.data.path == "toy":
+        from compo import toy
+
+        train, held = toy.toy_dataset(cfg.data.toy, cfg.seed)
+        kind = "paired"
+    else:
+        from compo.data import load_rows
+
+        res = load_rows(cfg.data.path, kind=cfg.data.kind, rating_threshold=cfg.data.rating_threshold,
+                        on_invalid=cfg.data.on_invalid, split=cfg.data.split)
+        train, kind = list(res.rows), res.kind
+        if res.n_skipped:
+            say(f"data: skipped {res.n_skipped} invalid rows of {res.source}: {res.skipped}")
+        held = []
+        if cfg.data.eval_path:
+            ev = load_rows(cfg.data.eval_path, kind="paired", on_invalid=cfg.data.on_invalid, split=cfg.data.split)
+            held = list(ev.rows)
+        elif cfg.data.eval_fraction > 0 and kind == "paired":
+            order = list(range(len(train)))
+            random.Random(cfg.seed).shuffle(order)
+            k = int(len(train) * cfg.data.eval_fraction)
+            held_idx = set(order[:k])
+            held = [r for i, r in enumerate(train) if i in held_idx]
+            train = [r for i, r in enumerate(train) if i not in held_idx]
+    if cfg.data.limit:
+        train = train[: cfg.data.limit]
+    say(f"data: {len(train)} {kind} training rows, {len(held)} held-out pairs")
+    return train, held, kind
+
+
+def stages_of(command: str, cfg: RunConfig, kind: str) -> list[str]:
+    """The stages a command runs, in order."""
+    paired = kind == "paired"
+    if command == "split":
+        return ["split"]
+    if command == "train":
+        return ["split", "stage1"] if paired else ["stage1"]
+    if command == "zo":
+        return ["split", "stage2"]
+    out = ["split"] if paired else []
+    out += ["stage1"] if cfg.stage1.enabled else []
+    out += ["stage2"] if cfg.zo.enabled and paired else []
+    return out
+
+
+def build_oracles(cfg: RunConfig) -> tuple:
+    """Construct stage 2's oracles now (a bad name, option or missing key fails before any work)."""
+    from oracles.base import Evidence, build_oracle
+    from oracles.options import OptionError
+
+    built = []
+    for key, spec in (("zo.oracle", cfg.zo.oracle), ("zo.accept_oracle", cfg.zo.accept_oracle)):
+        if spec is None:
+            built.append(None)
+            continue
+        try:
+            built.append(build_oracle(spec.name, **spec.options))
+        except OptionError as e:
+            raise UserError(f"{key}.options.{e.key}" if e.key else f"{key}.options", e.what) from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the constructor's own check (ValueError, JudgeError, ...)
+            raise UserError(key, f"cannot build oracle '{spec.name}': {e}") from None
+    if cfg.zo.estimator == "projected" and built[0].needs != Evidence.LOGPROBS:
+        built[0].close()
+        raise UserError("zo.estimator", f"projected is exact only for likelihood oracles on fixed pairs; oracle "
+                        f"'{cfg.zo.oracle.name}' judges generated text: use zo.estimator=full")
+    return tuple(built)
+
+
+def _check_encoded(cfg: RunConfig, rows: list, tokenizer, what: str) -> EncodeResult:
+    enc = encode_rows(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    if rows and not enc.items:
+        raise UserError(what, f"all {len(rows)} rows were dropped: every prompt is longer than "
+                        f"data.max_prompt_length={cfg.data.max_prompt_length} tokens")
+    return enc
+
+
+def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = False,
+                   force_resume: bool = False) -> Workspace:
+    from compo.models import check_device, check_model_path, load_model, load_tokenizer
+    from compo import checks
+
+    run = RunDir(cfg.run_dir)
+    check_run_dir(run.root)
+    check_device(cfg.model.device)
+    check_model_path("model.path", cfg.model.path, cfg.model.gguf_file)
+    if cfg.split.reference:
+        check_model_path("split.reference", cfg.split.reference)
+    train, held, kind = load_data(cfg)
+    stages = stages_of(command, cfg, kind)
+    if "stage1" in stages and kind != "paired" and cfg.stage1.loss not in ("kto", "bco"):
+        from compo.stage1_unpaired import paired_data_message
+
+        raise UserError("stage1.loss", paired_data_message(cfg.stage1.loss, cfg.data.path))
+    tokenizer = load_tokenizer(cfg, run.reference)
+    enc = _check_encoded(cfg, train, tokenizer, cfg.data.path)
+    _check_encoded(cfg, held, tokenizer, cfg.data.eval_path or cfg.data.path)
+    ws = Workspace(cfg, run, None, tokenizer, train, held, kind, resume, force_resume, encoded=enc, stages=stages)
+    ws.fingerprints = {s: fingerprint.current(cfg, s, after_stage1="stage1" in stages) for s in stages}
+    checks.check_saved_state(ws)
+    oracles = build_oracles(cfg) if "stage2" in stages else None
+    try:
+        model, tokenizer = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
+        ws.model, ws.tokenizer, ws.oracles = model, tokenizer, oracles
+        checks.check_checkpoints(ws)
+    except BaseException:
+        for o in oracles or ():
+            if o is not None:
+                o.close()
+        raise
+    for line in run.clean_leftovers():
+        say(f"run dir: {line}")
+    atomic_write_text(run.config, dump_config(cfg))
+    return ws
+
+
+def stage_marker(model_dir: Path) -> dict | None:
+    p = Path(model_dir) / STAGE_FILE
+    if not p.exists():
+        return None
+    from compo.rundir import read_json
+
+    return read_json(p, required=("stage",))
