@@ -129,8 +129,9 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     from compo.stage1 import PAIRED_LOSSES, Stage1Data, paired_objective, train_stage1
 
     cfg = ws.cfg
-    if not (resume and (ws.run.checkpoints / "stage1").exists()):
+    if not (resume and (ws.run.checkpoints / "stage1").exists()):  # a fresh stage 1: stage 2's old state is void
         fingerprint.record(ws.run, "stage1", ws.fingerprints.get("stage1") or fingerprint.current(cfg, "stage1"))
+        ws.run.drop_checkpoints("zo")
     if cfg.stage1.loss not in PAIRED_LOSSES:
         from compo.stage1_unpaired import run_unpaired_stage1
 

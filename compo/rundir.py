@@ -127,14 +127,16 @@ def atomic_save_dir(target: str | Path, save: Callable[[Path], Any]) -> None:
         raise
 
 
-def clean_dir_leftovers(folder: Path) -> list[str]:
+def clean_dir_leftovers(folder: Path, restore_only: bool = False) -> list[str]:
     """Remove the temp files / dirs of interrupted atomic writes in ``folder``; restore a
-    ``.<name>.old`` whose replacement never arrived. Returns what it did."""
+    ``.<name>.old`` whose replacement never arrived (only that with ``restore_only``)."""
     done = []
     if not folder.is_dir():
         return done
     for p in sorted(folder.iterdir()):
         if not p.name.startswith("."):
+            continue
+        if restore_only and not (p.name.endswith(OLD_SUFFIX) and not p.with_name(p.name[1 : -len(OLD_SUFFIX)]).exists()):
             continue
         if p.name.endswith(TMP_SUFFIX):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -206,11 +208,14 @@ class RunDir:
         except OSError:
             pass
 
-    def clean_leftovers(self) -> list[str]:
-        """Temp entries of interrupted writes in the run dir and its checkpoint folders."""
+    def clean_leftovers(self, restore_only: bool = False) -> list[str]:
+        """Temp entries of interrupted writes in the run dir and its checkpoint folders.
+
+        ``restore_only``: just roll back interrupted directory swaps (done before the run dir is
+        read, so what it holds is what the last finished write left)."""
         done = []
         for folder in (self.root, self.checkpoints, self.checkpoints / "stage1"):
-            done += clean_dir_leftovers(folder)
+            done += clean_dir_leftovers(folder, restore_only)
         return done
 
 

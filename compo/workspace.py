@@ -167,6 +167,8 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
     tokenizer = load_tokenizer(cfg, run.reference)
     enc = _check_encoded(cfg, train, tokenizer, cfg.data.path)
     _check_encoded(cfg, held, tokenizer, cfg.data.eval_path or cfg.data.path)
+    for line in run.clean_leftovers(restore_only=True):
+        say(f"run dir: {line}")
     ws = Workspace(cfg, run, None, tokenizer, train, held, kind, resume, force_resume, encoded=enc, stages=stages)
     ws.fingerprints = {s: fingerprint.current(cfg, s, after_stage1="stage1" in stages) for s in stages}
     checks.check_saved_state(ws)

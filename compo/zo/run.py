@@ -6,6 +6,7 @@ import time
 
 from safetensors.torch import save_file
 
+from compo import faults
 from compo.logprobs import score_pairs
 from compo.split import noisy_mask
 from oracles.base import build_oracle
@@ -94,6 +95,7 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     w = trainer.w
     save_model(ws.run.model, ws.model, ws.tokenizer, "stage2", final,
                extra=lambda d: save_file({"weight": w.contiguous().cpu()}, str(d / "zo_head_fp32.safetensors")))
+    faults.point("stage2.saved")
     ws.run.drop_checkpoints("zo")
     ws.run.update_summary(stage2=final, model_stage="stage2")
     return final
