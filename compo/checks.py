@@ -8,6 +8,7 @@ work; ``--resume`` with a different config refuses (:mod:`compo.fingerprint`).
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import torch
@@ -51,6 +52,10 @@ def check_saved_state(ws) -> None:
     from compo.workspace import stage_marker
 
     run, stages = ws.run, ws.stages
+    if run.summary_path.exists():  # every stage merges into it: damage would surface mid-run
+        read_json(run.summary_path)
+    if run.metrics.exists():  # read back (and truncated) when a stage starts
+        read_jsonl(run.metrics)
     marker = stage_marker(run.model) if run.model.exists() else None
     if ws.resume and marker is not None:
         done = marker["stage"]
@@ -159,7 +164,24 @@ def check_checkpoints(ws) -> None:
         state = read_json(last / "trainer_state.json", required=("step",))
         if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 1:
             raise CheckpointError(last / "trainer_state.json", f"'step' must be a whole number >= 1, got {state['step']!r}")
+        total = _stage1_total(ws)
+        if total is not None and state["step"] > total:
+            raise CheckpointError(last / "trainer_state.json", f"'step' is {state['step']} but this run has {total} stage-1 steps")
         weights = last / "model.safetensors"
         if not weights.exists():
             raise CheckpointError(weights, "missing: the checkpoint is incomplete")
         _tensor_file(weights, sd_shapes, exact=False)
+        for f in sorted(last.iterdir()):  # optimizer, scheduler, RNG states: torch.save zip archives
+            if f.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(f):
+                raise CheckpointError(f, "not a complete torch.save archive; the checkpoint is damaged")
+
+
+def _stage1_total(ws) -> int | None:
+    """Stage 1's optimizer steps for paired losses on the saved split (None: not known yet)."""
+    from compo.dist import world_info
+    from compo.stage1 import PAIRED_LOSSES, step_schedule
+
+    if ws.saved_split is None or ws.cfg.stage1.loss not in PAIRED_LOSSES:
+        return None
+    n = sum(ws.cfg.stage1.train_on == "all" or not r["noisy"] for r in ws.saved_split)
+    return step_schedule(n, ws.cfg, world_info()[0])[1]

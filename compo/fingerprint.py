@@ -70,8 +70,8 @@ def current(cfg: RunConfig, stage: str, after_stage1: bool = False) -> dict[str,
     """The fingerprint of ``stage`` ("split", "stage1", "stage2") for this config."""
     flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
             if k not in OUTPUT_ONLY and not (".options." in k and k.rsplit(".", 1)[-1] in RUNTIME_OPTIONS)}
-    scopes = SCOPES["split"] + (SCOPES["stage1"] if stage == "stage1" or after_stage1 else ()) + \
-        (SCOPES["stage2"] if stage == "stage2" else ())
+    scopes = SCOPES["split"] + (SCOPES["stage1"] if stage == "stage1" or (after_stage1 and stage == "stage2")
+                                else ()) + (SCOPES["stage2"] if stage == "stage2" else ())
     fp = {k: v for k, v in flat.items() if k == "seed" or k.startswith(scopes)}
     fp["compo_version"] = compo.__version__
     for key in ("data.path", "data.eval_path"):

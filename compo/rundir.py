@@ -4,6 +4,7 @@ and readers that turn a damaged run-directory file into an error naming that fil
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -182,9 +183,10 @@ class RunDir:
         return read_json(self.summary_path) if self.summary_path.exists() else {}
 
     def update_summary(self, **fields: Any) -> dict:
+        """Merge ``fields`` into summary.json; a non-finite number is written as null, never NaN."""
         s = self.summary()
         s.update(fields)
-        atomic_write_json(self.summary_path, s)
+        atomic_write_json(self.summary_path, _finite_or_null(s))
         return s
 
     def truncate_metrics(self, stage: str, upto_step: int) -> int:
@@ -229,6 +231,16 @@ def check_run_dir(path: str | Path) -> None:
         raise CheckpointError(p, f"cannot create the run directory: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(p, f"the run directory is not writable ({parent})")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def describe_exc(e: BaseException) -> str:

@@ -71,6 +71,30 @@ def _adapter(annotation: Any) -> TypeAdapter | None:
         return None
 
 
+def _inherit(cls: type, params: dict, hints: dict) -> bool:
+    """A class whose ``__init__`` takes ``**kwargs`` is taken to pass them on to the base
+    classes' ``__init__`` (``super().__init__(..., **kwargs)``): add their keyword parameters
+    and hints (only those with a default: a required one the subclass passes itself). Returns
+    whether the options stay open (some base also takes ``**kwargs`` up to ``object``, e.g. a
+    judge that keeps its options as a dict)."""
+    for base in cls.__mro__[1:]:
+        if base is object:
+            return True
+        if "__init__" not in vars(base):
+            continue
+        sig, base_hints = _signature(base)
+        if sig is None:
+            return True
+        for n, p in sig.parameters.items():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty and n not in params:
+                params[n] = p
+                if n in base_hints:
+                    hints.setdefault(n, base_hints[n])
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            return False
+    return True
+
+
 def check_options(factory: Callable, options: dict, label: str) -> dict:
     """Return ``options`` validated against ``factory``'s signature (values coerced to the hinted
     types, e.g. ``"8"`` -> ``8``); raise :class:`OptionError` for an unknown name, a missing
@@ -83,6 +107,8 @@ def check_options(factory: Callable, options: dict, label: str) -> dict:
     params = {n: p for n, p in sig.parameters.items()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     open_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    if open_kwargs and isinstance(factory, type):
+        open_kwargs = _inherit(factory, params, hints)
     for name in options:
         if name not in params and not open_kwargs:
             raise OptionError(str(name), f"unknown option of {label}; allowed: {', '.join(params) or '(none)'}")

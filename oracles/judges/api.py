@@ -134,6 +134,21 @@ def _status(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+def _check_cache_path(path: Path | None) -> None:
+    """The cache file must be a file (or creatable under a writable folder): checked at build time."""
+    if path is None:
+        return
+    if path.exists():
+        if not path.is_file():
+            raise JudgeError(f"cache_path {path} exists and is not a file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise JudgeError(f"cache_path {path} is not readable and writable")
+        return
+    parent = next((q for q in path.absolute().parents if q.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise JudgeError(f"cache_path {path}: cannot create it under {parent}")
+
+
 class _Malformed(Exception):
     """A 2xx response whose body is not a usable completion."""
 
@@ -249,7 +264,9 @@ class APIJudge(PairwiseJudge):
             json.dumps(self._params())
         except TypeError as e:
             raise ValueError(f"extra_body must be JSON-serialisable: {e}") from None
-        self._cache = JudgeCache(self.cache_path)
+        _check_cache_path(self.cache_path)
+        self._cache_obj: JudgeCache | None = None  # opened on first use: building a judge writes nothing
+        self._cache_lock = threading.Lock()
         self._budget_lock = threading.Lock()
         self._spent_calls = 0
         self._spent_tokens = 0
@@ -315,6 +332,13 @@ class APIJudge(PairwiseJudge):
             self._spent_tokens = 0
 
     @property
+    def _cache(self) -> JudgeCache:
+        with self._cache_lock:
+            if self._cache_obj is None:
+                self._cache_obj = JudgeCache(self.cache_path)
+            return self._cache_obj
+
+    @property
     def cache(self) -> JudgeCache:
         return self._cache
 
@@ -330,7 +354,8 @@ class APIJudge(PairwiseJudge):
                 except Exception:  # pragma: no cover - best effort
                     pass
             lt.close()
-        self._cache.close()
+        if self._cache_obj is not None:
+            self._cache_obj.close()
 
     def __repr__(self) -> str:
         parts = [f"model={self.model!r}"]
