@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from compo import data as cdata
+from compo import readers as cdata
 from compo.data import LoadResult, load_rows, normalise_records, pairs_to_unpaired, read_records
 from compo.rows import DataError, PairRow, UnpairedRow
 

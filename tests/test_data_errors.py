@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from compo import data as cdata
+from compo import readers as cdata
 from compo.data import load_rows
 from compo.rows import DataError
 

@@ -9,7 +9,6 @@ from safetensors.torch import save_file
 from compo import faults
 from compo.logprobs import score_pairs
 from compo.split import noisy_mask
-from oracles.base import build_oracle
 
 
 def select_noisy(ws, split) -> list[int]:
