@@ -22,6 +22,19 @@ ZO_STATE_KEYS = ("step", "seed", "totals", "m", "radius")
 ZO_TOTAL_KEYS = ("steps", "steps_taken", "steps_skipped", "skip_reasons", "sum_frac_minus")
 
 
+def check_step(path: Path, step, lo: int, hi: int | None, what: str) -> int:
+    """A checkpoint's step must be a whole number in [lo, hi] (hi None: not known yet)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < lo or (hi is not None and step > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise CheckpointError(path, f"'step' is {step!r} but this run's {what} steps are {rng}")
+    return step
+
+
+def zo_total_steps(cfg, n_pairs: int) -> int:
+    """Stage 2's step count for ``n_pairs`` noisy pairs (zo.max_steps, or epochs over the pairs)."""
+    return cfg.max_steps or cfg.epochs * max(1, math.ceil(n_pairs / cfg.pairs_per_step))
+
+
 def read_split(path: Path, n_pairs: int) -> list[dict]:
     """split.jsonl rows, checked: the required keys, finite numbers, one row per pair."""
     rows = read_jsonl(path, required=SPLIT_KEYS)
@@ -85,18 +98,14 @@ def _check_zo_state(ws) -> None:
     if not state_path.exists():
         raise CheckpointError(d, "incomplete checkpoint (no state.json); delete the folder to restart stage 2")
     state = read_json(state_path, required=ZO_STATE_KEYS)
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(state_path, f"'step' must be a whole number >= 0, got {step!r}")
+    total = None
+    if ws.saved_split is not None and ws.cfg.zo.noisy_rule == "paper":
+        total = zo_total_steps(ws.cfg.zo, sum(r["noisy"] for r in ws.saved_split))
+    check_step(state_path, state["step"], 0, total, "stage-2")
     if not isinstance(state["totals"], dict) or any(k not in state["totals"] for k in ZO_TOTAL_KEYS):
         raise CheckpointError(state_path, f"'totals' must hold {', '.join(ZO_TOTAL_KEYS)}")
     if state["seed"] != ws.cfg.seed and not ws.force_resume:
         raise CheckpointError(state_path, f"written with seed {state['seed']}, this run has seed {ws.cfg.seed}")
-    if ws.saved_split is not None and ws.cfg.zo.noisy_rule == "paper":
-        n = sum(r["noisy"] for r in ws.saved_split)
-        total = ws.cfg.zo.max_steps or ws.cfg.zo.epochs * max(1, math.ceil(n / ws.cfg.zo.pairs_per_step))
-        if step > total:
-            raise CheckpointError(state_path, f"'step' is {step} but this run has {total} stage-2 steps")
     if not (d / "head.safetensors").exists():
         raise CheckpointError(d / "head.safetensors", "missing: the checkpoint is incomplete")
 
@@ -162,11 +171,7 @@ def check_checkpoints(ws) -> None:
         if last is None:
             return
         state = read_json(last / "trainer_state.json", required=("step",))
-        if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 1:
-            raise CheckpointError(last / "trainer_state.json", f"'step' must be a whole number >= 1, got {state['step']!r}")
-        total = _stage1_total(ws)
-        if total is not None and state["step"] > total:
-            raise CheckpointError(last / "trainer_state.json", f"'step' is {state['step']} but this run has {total} stage-1 steps")
+        check_step(last / "trainer_state.json", state["step"], 1, _stage1_total(ws), "stage-1")
         weights = last / "model.safetensors"
         if not weights.exists():
             raise CheckpointError(weights, "missing: the checkpoint is incomplete")

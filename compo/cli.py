@@ -88,9 +88,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
     ws = pl.open_workspace(cfg, args.command, resume, args.force_resume)
     try:
         if args.command == "split":
-            pl.run_split(ws, resume=resume)
+            pl.run_split(ws)
             return
-        split = pl.run_split(ws, resume=True) if ws.kind == "paired" else None
+        split = pl.run_split(ws) if ws.kind == "paired" else None
         if args.command == "train":
             if ws.done_stage == "stage1":
                 pl.say(f"resume: {ws.run.model} holds the finished stage1; nothing to do")

@@ -137,6 +137,13 @@ class ZOConfig(_Section):
     oracle: OracleConfig = Field(default_factory=OracleConfig, description="Oracle voting on the m perturbations.")
     accept_oracle: Optional[OracleConfig] = Field(None, description="Oracle for the acceptance check; None = the voting oracle.")
 
+    @model_validator(mode="after")
+    def _check(self) -> "ZOConfig":
+        if self.estimator == "projected" and self.distribution != "gaussian":
+            raise ValueError("zo.estimator=projected needs zo.distribution=gaussian (the projection of a "
+                             "unit-sphere draw is not a unit-sphere draw)")
+        return self
+
 
 class RunConfig(_Section):
     seed: int = Field(0, description="Seed of everything: data shuffles, model init, perturbations.")
@@ -151,9 +158,6 @@ class RunConfig(_Section):
     def _check(self) -> "RunConfig":
         if self.data.max_prompt_length >= self.data.max_length:
             raise ValueError("data.max_prompt_length must be smaller than data.max_length")
-        if self.zo.estimator == "projected" and self.zo.distribution != "gaussian":
-            raise ValueError("zo.estimator=projected needs zo.distribution=gaussian (the projection of a "
-                             "unit-sphere draw is not a unit-sphere draw)")
         if self.stage1.bco.udm_clip_min > self.stage1.bco.udm_clip_max:
             raise ValueError("stage1.bco.udm_clip_min must not exceed stage1.bco.udm_clip_max")
         return self

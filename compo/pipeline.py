@@ -61,10 +61,11 @@ def _split_needs(ws: Workspace) -> tuple[bool, bool]:
     return clean, noisy
 
 
-def run_split(ws: Workspace, resume: bool = False) -> SplitResult:
+def run_split(ws: Workspace) -> SplitResult:
     """Reference margins for every pair, the noisy mask, split.jsonl and the console summary.
 
-    A split.jsonl whose fingerprint matches this config (checked at start-up) is reused."""
+    A split.jsonl that start-up found reusable (its fingerprint matches this config, or
+    ``--resume``) is read back instead of scoring again."""
     cfg, run = ws.cfg, ws.run
     if ws.kind != "paired":
         raise UserError(cfg.data.path, "the clean/noisy split needs paired data (chosen/rejected); stage1 "
@@ -203,7 +204,7 @@ def _resume_finished(ws: Workspace) -> str | None:
 
 def _pipeline(ws: Workspace, t0: float) -> dict:
     cfg = ws.cfg
-    split = run_split(ws, ws.resume) if ws.kind == "paired" else None
+    split = run_split(ws) if ws.kind == "paired" else None
     if split is None:
         say("split: skipped (unpaired data has no chosen/rejected margin; see README 'Unpaired data')")
     before, ref_eval = evaluate(ws, label="reference")

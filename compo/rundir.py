@@ -67,6 +67,16 @@ def _read_text(path: Path) -> str:
                                     "the file is damaged") from None
 
 
+def _require(path: Path, obj: Any, required: Iterable[str], where: str = "") -> dict:
+    """``obj`` must be a JSON object holding ``required``; ``where`` prefixes the message (a line)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"{where}expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(path, f"{where}missing key(s) {', '.join(missing)}; the file is damaged or from another tool")
+    return obj
+
+
 def read_json(path: str | Path, required: Iterable[str] = ()) -> dict:
     """A JSON object from a run-directory file; any damage is a CheckpointError naming it."""
     path = Path(path)
@@ -74,12 +84,7 @@ def read_json(path: str | Path, required: Iterable[str] = ()) -> dict:
         obj = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(path, f"not valid JSON (line {e.lineno}: {e.msg}); the file is damaged") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(path, f"expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise CheckpointError(path, f"missing key(s) {', '.join(missing)}; the file is damaged or from another tool")
-    return obj
+    return _require(path, obj, required)
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
@@ -93,12 +98,7 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise CheckpointError(path, f"line {n}: not valid JSON ({e.msg}); the file is damaged") from None
-        if not isinstance(row, dict):
-            raise CheckpointError(path, f"line {n}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise CheckpointError(path, f"line {n}: missing key(s) {', '.join(missing)}")
-        rows.append(row)
+        rows.append(_require(path, row, required, f"line {n}: "))
     return rows
 
 

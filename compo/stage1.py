@@ -133,12 +133,12 @@ def train_stage1(
     accelerator.register_for_checkpointing(scheduler)
     ckpt_root = run.checkpoints / "stage1"
     start = 0
+    from compo.checks import check_step
+
     last = latest_checkpoint(ckpt_root) if resume else None
     if last is not None:
         state = read_json(last / "trainer_state.json", required=("step",))
-        start = state["step"]
-        if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= total:
-            raise CheckpointError(last / "trainer_state.json", f"'step' is {start!r} but this run has {total} stage-1 steps")
+        start = check_step(last / "trainer_state.json", state["step"], 1, total, "stage-1")
         try:
             accelerator.load_state(str(last))
             if "state" in hooks and state.get("objective_state") is not None:

@@ -1,11 +1,13 @@
 """Opening a run: validate everything a command will use, then load the model.
 
-Order (cheap checks first, nothing written until all pass): run directory, device, oracle and
-judge names/options (constructed, so a missing API key fails here), model paths, data (read,
-normalised and tokenized: zero usable rows is an error), the saved split and checkpoints when
-resuming (fingerprints compared), the model. Only then are leftovers of interrupted writes
-cleaned and ``config.yaml`` written: a run that fails validation leaves the run directory as
-it was.
+Order (cheap checks first, nothing written until all pass): run directory, device, model
+paths, data (read, normalised and tokenized with the tokenizer alone: zero usable rows is an
+error), what the run directory holds (stage marker, fingerprints, saved split, stage-2
+checkpoint state), the oracles and judges (constructed, so a bad option or a missing API key
+fails here), the model, and checkpoint tensors against it. Only then are temp files of
+interrupted writes removed and ``config.yaml`` written: a run that fails validation leaves the
+run directory as it was (interrupted directory swaps alone are rolled back first, so that
+what is read is what the last finished write left).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from compo.config import RunConfig, dump_config
 from compo.encode import EncodeResult, encode_rows, pad_id_of
 from compo.errors import UserError
 from compo.rows import PairRow
-from compo.rundir import RunDir, atomic_write_text, check_run_dir
+from compo.rundir import RunDir, atomic_write_text, check_run_dir, read_json
 
 STAGE_FILE = "compo_stage.json"  # inside model/: which stage it holds (swapped in with the weights)
 
@@ -50,7 +52,6 @@ class Workspace:
     fingerprints: dict = field(default_factory=dict)  # stage -> its fingerprint for this config
     stages: list = field(default_factory=list)  # what this command runs
     encoded: EncodeResult | None = None  # the training rows, tokenized
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def pad_id(self) -> int:
@@ -116,7 +117,8 @@ def stages_of(command: str, cfg: RunConfig, kind: str) -> list[str]:
 
 def build_oracles(cfg: RunConfig) -> tuple:
     """Construct stage 2's oracles now (a bad name, option or missing key fails before any work)."""
-    from oracles.base import Evidence, build_oracle
+    from compo.zo.trainer import check_estimator
+    from oracles.base import build_oracle
     from oracles.options import OptionError
 
     built = []
@@ -132,10 +134,11 @@ def build_oracles(cfg: RunConfig) -> tuple:
             raise
         except Exception as e:  # noqa: BLE001 - the constructor's own check (ValueError, JudgeError, ...)
             raise UserError(key, f"cannot build oracle '{spec.name}': {e}") from None
-    if cfg.zo.estimator == "projected" and built[0].needs != Evidence.LOGPROBS:
+    try:
+        check_estimator(cfg.zo, built[0])
+    except ValueError as e:
         built[0].close()
-        raise UserError("zo.estimator", f"projected is exact only for likelihood oracles on fixed pairs; oracle "
-                        f"'{cfg.zo.oracle.name}' judges generated text: use zo.estimator=full")
+        raise UserError("zo.estimator", str(e)) from None
     return tuple(built)
 
 
@@ -172,15 +175,12 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
     ws = Workspace(cfg, run, None, tokenizer, train, held, kind, resume, force_resume, encoded=enc, stages=stages)
     ws.fingerprints = {s: fingerprint.current(cfg, s, after_stage1="stage1" in stages) for s in stages}
     checks.check_saved_state(ws)
-    oracles = build_oracles(cfg) if "stage2" in stages else None
+    ws.oracles = build_oracles(cfg) if "stage2" in stages else None
     try:
-        model, tokenizer = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
-        ws.model, ws.tokenizer, ws.oracles = model, tokenizer, oracles
+        ws.model, ws.tokenizer = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
         checks.check_checkpoints(ws)
     except BaseException:
-        for o in oracles or ():
-            if o is not None:
-                o.close()
+        ws.close()
         raise
     for line in run.clean_leftovers():
         say(f"run dir: {line}")
@@ -190,8 +190,4 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
 
 def stage_marker(model_dir: Path) -> dict | None:
     p = Path(model_dir) / STAGE_FILE
-    if not p.exists():
-        return None
-    from compo.rundir import read_json
-
-    return read_json(p, required=("stage",))
+    return read_json(p, required=("stage",)) if p.exists() else None

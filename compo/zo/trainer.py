@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from compo import faults
 from compo.config import ZOConfig
 from compo.dist import all_reduce_sum, world_info
-from compo.errors import CheckpointError, Diverged, Paused
+from compo.errors import Diverged, Paused
 from compo.models import untie_head
 from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
 from compo.zo.estimator import normalise, proposed_head, skip_reason, sparsify
@@ -32,6 +32,13 @@ CHECK_ATOL_PER_TOKEN = 2e-3  # self-check floor (fp32); bf16/fp16 scale up: head
 
 
 LARGE_UPDATE = 0.1  # warn once when a step moves the head by more than this fraction of its norm
+
+
+def check_estimator(cfg: ZOConfig, oracle: Oracle) -> None:
+    """The projected estimator is exact only for oracles that vote on fixed pairs' log-probs."""
+    if cfg.estimator == "projected" and oracle.needs != Evidence.LOGPROBS:
+        raise ValueError("zo.estimator=projected is exact only for likelihood oracles on fixed pairs; "
+                         f"oracle '{oracle.name}' judges generated text: use zo.estimator=full")
 
 
 class BudgetSpent(JudgeQuit):
@@ -68,12 +75,7 @@ class ZOTrainer:
 
     def __init__(self, model, cfg: ZOConfig, run_seed: int, oracle: Oracle, pad_id: int,
                  accept_oracle: Oracle | None = None, tokenizer=None):
-        if cfg.estimator == "projected" and cfg.distribution != "gaussian":
-            raise ValueError("zo.estimator=projected needs zo.distribution=gaussian (the projection of a "
-                             "unit-sphere draw is not a unit-sphere draw)")
-        if cfg.estimator == "projected" and oracle.needs != Evidence.LOGPROBS:
-            raise ValueError("zo.estimator=projected is exact only for likelihood oracles on fixed pairs; "
-                             f"oracle '{oracle.name}' judges generated text: use zo.estimator=full")
+        check_estimator(cfg, oracle)
         self.model, self.cfg, self.seed, self.pad_id = model, cfg, run_seed, pad_id
         self.oracle, self.accept_oracle = oracle, accept_oracle or oracle
         self.untied = untie_head(model)
@@ -224,7 +226,7 @@ class ZOTrainer:
             rec["accepted"] = bool(int(verdict[0]) == BETTER)
             if not rec["accepted"]:
                 reason, new_w = "rejected by the acceptance check", None
-        if self._refused_anywhere(self._refusals() - refused0, device):
+        if self._budgeted and self._refused_anywhere(self._refusals() - refused0, device):
             raise BudgetSpent(f"the judge's budget ran out during step {t + 1} (its votes would be incomplete); "
                               "raise max_calls / max_tokens_total and --resume to redo that step (answers already "
                               "paid for are cached)")
@@ -261,6 +263,12 @@ class ZOTrainer:
         rec.update({f"oracle/{k}": val for k, val in self.oracle.stats().items()})
         return rec
 
+    @property
+    def _budgeted(self) -> bool:
+        """Whether an oracle can refuse votes for budget (the same on every rank: set by the config);
+        the likelihood oracle cannot, so its steps pay no extra collective."""
+        return any(type(o).budget_refusals is not Oracle.budget_refusals for o in (self.oracle, self.accept_oracle))
+
     def _refusals(self) -> int:
         return sum(o.budget_refusals() for o in {id(o): o for o in (self.oracle, self.accept_oracle)}.values())
 
@@ -280,7 +288,9 @@ class ZOTrainer:
         return perm[(torch.arange(k * pps, (k + 1) * pps) % n)].tolist()
 
     def total_steps(self, n: int) -> int:
-        return self.cfg.max_steps or self.cfg.epochs * max(1, math.ceil(n / self.cfg.pairs_per_step))
+        from compo.checks import zo_total_steps
+
+        return zo_total_steps(self.cfg, n)
 
     def train(self, items: Sequence, texts: Sequence, run: RunDir, resume: bool = False,
               callback: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
@@ -343,12 +353,10 @@ class ZOTrainer:
 
     def load_checkpoint(self, ckpt_dir: Path, total: int) -> tuple[int, dict]:
         """Restore the head and totals from ``ckpt_dir``, checking step range, shape and values."""
-        from compo.checks import ZO_STATE_KEYS, check_head_file
+        from compo.checks import ZO_STATE_KEYS, check_head_file, check_step
 
         state = read_json(ckpt_dir / "state.json", required=ZO_STATE_KEYS)
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
-            raise CheckpointError(ckpt_dir / "state.json", f"'step' is {step!r} but this run has {total} stage-2 steps")
+        step = check_step(ckpt_dir / "state.json", state["step"], 0, total, "stage-2")
         w = check_head_file(ckpt_dir / "head.safetensors", tuple(self.w.shape))
         self.w = w.to(self.w.device)
         self.head.weight.data.copy_(self.w.to(self.head.weight.dtype))
