@@ -14,7 +14,8 @@ SECTIONS = {
     "split": ("seed", "run_dir", "model", "data", "split"),
     "train": ("seed", "run_dir", "model", "data", "split", "stage1"),
     "zo": ("seed", "run_dir", "model", "data", "split", "zo"),
-    "pipeline": ("seed", "run_dir", "model", "data", "split", "stage1", "zo"),
+    "pipeline": ("seed", "run_dir", "model", "data", "split", "stage1", "zo", "eval"),
+    "eval": ("seed", "run_dir", "model", "data", "eval"),
 }
 
 DESCRIPTIONS = {
@@ -22,6 +23,7 @@ DESCRIPTIONS = {
     "train": "Stage 1: train the whole model on the clean pairs (DPO, IPO, hinge, robust, KTO, BCO); writes model/.",
     "zo": "Stage 2 (ComPO): fine-tune only the output layer on the noisy pairs with a comparison oracle; writes model/.",
     "pipeline": "split -> stage 1 -> stage 2 -> held-out evaluation, all into one run directory.",
+    "eval": "Held-out metrics of a saved model (or run dir) against the reference, with bootstrap intervals; writes eval.json.",
 }
 
 
@@ -68,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--list", action="store_true", help="List every config key with its default and description.")
+    p = sub.add_parser("study", help="Sweep noise rates x methods x seeds; writes study.csv, study.md and plots.",
+                       description="Sweep injected noise rates x methods x seeds over one base run config, sharing "
+                                   "reference scoring and stage-1 runs; rerun to resume. Writes study.csv, study.md "
+                                   "and plots/*.png in the study directory.")
+    p.add_argument("--config", "-c", metavar="FILE", required=True, help="Study YAML (see configs/noise_study.yaml).")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a run-config key in every cell (repeatable).")
+    p.add_argument("--study-dir", metavar="DIR", help="Study directory (overrides study_dir).")
+    p.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
     return parser
 
 
@@ -84,6 +95,11 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
     resume = args.resume or args.force_resume
     if args.command == "pipeline":
         pl.run_pipeline(cfg, resume=resume, force_resume=args.force_resume)
+        return
+    if args.command == "eval":
+        from compo.eval_cmd import run_eval
+
+        run_eval(cfg)
         return
     ws = pl.open_workspace(cfg, args.command, resume, args.force_resume)
     try:
@@ -132,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "study":
+            from compo.study import run_study
+
+            run_study(args.config, args.overrides, args.study_dir)
+            return 0
         cfg = resolve(args)
         if args.command == "config":
             text = config_epilog(tuple(RunConfig.model_fields)) + "\n" if args.list else dump_config(cfg)

@@ -51,6 +51,21 @@ class ToyDataConfig(_Section):
     response_words: int = Field(8, gt=0, description="Words per response.")
 
 
+class NoiseConfig(_Section):
+    """Label noise injected into the training data for robustness studies (see compo/noise.py)."""
+
+    kind: Literal["none", "flip", "ambiguous", "shift"] = Field("none", description="flip: swap chosen/rejected; ambiguous: fair-coin labels; shift: skew thumbs-up vs thumbs-down prompts.")
+    rate: float = Field(0.0, ge=0, le=1, description="Fraction of training pairs (or of each thumbs class, for shift) changed.")
+    bias: Literal["uniform", "low_margin"] = Field("uniform", description="Which pairs: uniform, or weighted toward small reference |margin| (close calls).")
+    seed: Optional[int] = Field(None, description="Seed of the noise draw; None = the run seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "NoiseConfig":
+        if self.kind == "none" and self.rate > 0:
+            raise ValueError("data.noise.rate > 0 needs data.noise.kind (flip, ambiguous or shift)")
+        return self
+
+
 class DataConfig(_Section):
     path: str = Field("toy", description="Local file (json/jsonl/jsonl.gz/parquet/csv), `datasets` dir, hub name, or 'toy'.")
     split: str = Field("train", description="Split to read from a `datasets` dir or hub dataset.")
@@ -61,7 +76,9 @@ class DataConfig(_Section):
     on_invalid: Literal["error", "skip"] = Field("error", description="Invalid rows: stop with an error, or skip and count.")
     max_length: int = Field(512, gt=1, description="Max tokens of prompt + completion; completions are truncated to fit.")
     max_prompt_length: int = Field(256, gt=0, description="Rows whose prompt alone is longer are dropped and counted.")
-    limit: Optional[int] = Field(None, gt=0, description="Use only the first N rows (after normalising).")
+    limit: Optional[int] = Field(None, gt=0, description="Use a seeded random subset of N rows (before eval_fraction is held out).")
+    eval_limit: Optional[int] = Field(None, gt=0, description="Use at most N held-out pairs (a seeded random subset).")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Label noise injected into the training rows.")
     toy: ToyDataConfig = Field(default_factory=ToyDataConfig, description="Settings of the generated toy task.")
 
 
@@ -70,6 +87,7 @@ class SplitConfig(_Section):
     delta: float = Field(3.0, ge=0, description="Margin threshold of the absolute rule (paper: 3).")
     quantile: float = Field(0.2, gt=0, lt=1, description="Fraction marked noisy by the quantile rule.")
     require_positive: bool = Field(False, description="Official code's extra condition: noisy pairs also need margin > 0.")
+    margin: Literal["sum", "mean"] = Field("sum", description="sum: summed log-prob margin (paper); mean: per-token means, not driven by response length.")
     reference: Optional[str] = Field(None, description="Checkpoint for the reference margins; None = the loaded model (paper).")
     batch_size: int = Field(16, gt=0, description="Pairs per forward pass when scoring.")
 
@@ -124,7 +142,9 @@ class ZOConfig(_Section):
     sparsity: Literal["absolute", "top_fraction"] = Field("absolute", description="Keep |g_j| >= lambda_g (paper), or the top rho fraction by magnitude.")
     lambda_g: float = Field(2.2e-4, ge=0, description="Absolute sparsity threshold (paper: 2.2e-4 Mistral, 8e-5 Llama/Gemma).")
     rho: float = Field(0.01, gt=0, le=1, description="Fraction of entries kept by the top_fraction rule.")
+    skip_rule: Literal["fixed", "binomial"] = Field("fixed", description="fixed: skip when N-/m < skip_threshold (paper); binomial: skip unless the votes agree with each other significantly more than chance.")
     skip_threshold: float = Field(0.2, ge=0, le=1, description="lambda: skip the step when N-/m is below it (paper: 0.2).")
+    skip_alpha: float = Field(0.05, gt=0, lt=1, description="Level of the binomial skip rule (the share of pure-noise steps it takes).")
     gamma: float = Field(0.035, gt=0, description="Step size (official code: 0.035).")
     acceptance_check: bool = Field(False, description="Ask the (acceptance) oracle whether the proposed head beats the old one; skip if not (code only).")
     pairs_per_step: int = Field(1, gt=0, description="Noisy pairs per step (paper and code: 1).")
@@ -134,6 +154,7 @@ class ZOConfig(_Section):
     chunk_size: int = Field(0, ge=0, description="Perturbations evaluated together; 0 = chosen from memory_budget_mb.")
     memory_budget_mb: int = Field(1024, gt=0, description="Memory for one chunk of perturbed heads and logits.")
     checkpoint_every: int = Field(10, ge=0, description="Checkpoint every k steps (0 = only at the end).")
+    track_pairs: int = Field(0, ge=0, description="Log every step's log-probs of this many noisy pairs (half trained early, half untrained).")
     oracle: OracleConfig = Field(default_factory=OracleConfig, description="Oracle voting on the m perturbations.")
     accept_oracle: Optional[OracleConfig] = Field(None, description="Oracle for the acceptance check; None = the voting oracle.")
 
@@ -145,6 +166,26 @@ class ZOConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation (`compo eval`, and the pipeline's after-stage metrics)."""
+
+    model: Optional[str] = Field(None, description="Model to evaluate; None = run_dir/model.")
+    reference: Optional[str] = Field(None, description="Reference model; None = run_dir/reference if present, else model.path.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 = none).")
+    level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    generate: int = Field(0, ge=0, description="Held-out prompts to generate responses for (verbosity, win rate, gold score); 0 = off.")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per response (greedy).")
+    judge: Optional[str] = Field(None, description="Pairwise judge for the win rate vs the reference (openai, anthropic, reward_model, module:Class).")
+    judge_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the judge.")
+    out: str = Field("eval.json", description="Output file, relative to run_dir unless absolute.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if self.judge is not None and self.generate == 0:
+            raise ValueError("eval.judge compares generated responses: set eval.generate to a number of prompts")
+        return self
+
+
 class RunConfig(_Section):
     seed: int = Field(0, description="Seed of everything: data shuffles, model init, perturbations.")
     run_dir: str = Field("runs/default", description="Directory all artifacts are written to.")
@@ -153,6 +194,7 @@ class RunConfig(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Clean / noisy split.")
     stage1: Stage1Config = Field(default_factory=Stage1Config, description="Stage 1: gradient training on clean pairs.")
     zo: ZOConfig = Field(default_factory=ZOConfig, description="Stage 2: ComPO on noisy pairs.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

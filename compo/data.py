@@ -20,6 +20,9 @@ Unpaired
   * ``{prompt, completion, rating}`` or ``{messages, rating}`` Likert ratings:
     ``label = rating >= rating_threshold``.
 
+OpenAssistant message trees (``{message_tree_id, prompt: {..., replies}}`` per row) are read by
+:mod:`compo.oasst`: ranked sibling replies give pairs, ``+1``/``-1`` emojis give unpaired rows.
+
 Invalid rows raise :class:`~compo.rows.DataError` naming the file, the 1-based row and the field,
 or with ``on_invalid="skip"`` are dropped and counted by reason.
 """
@@ -32,6 +35,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from compo.oasst import FORMAT as OASST_FORMAT, is_tree, normalise_trees
 from compo.readers import FILE_TYPES, read_records  # noqa: F401 - re-exported
 from compo.rows import DataError, PairRow, UnpairedRow
 
@@ -52,7 +56,8 @@ ACCEPTED_FORMATS = (
     "{chosen, rejected} (hh-rlhf transcripts or message lists, implicit prompt); "
     "{conversations|messages, chosen, rejected} (ShareGPT); "
     "unpaired: {prompt, completion, label}; {prompt, completion, rating}; "
-    "{messages|conversations, label|rating}"
+    "{messages|conversations, label|rating}; "
+    "OASST trees"
 )
 
 
@@ -111,6 +116,10 @@ def normalise_records(records: list[dict], file: str, *, kind: str = "auto",
         raise ValueError(f"kind must be 'auto', 'paired' or 'unpaired', not {kind!r}")
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
+    if records and is_tree(records[0]):
+        rows, found, skipped = normalise_trees(records, file, kind=kind, on_invalid=on_invalid)
+        return LoadResult(rows=rows, kind=found, n_skipped=sum(skipped.values()), skipped=skipped,
+                          source=file, formats={OASST_FORMAT: len(rows)})
     found_kind, first_row = (None if kind == "auto" else kind), None
     rows: list = []
     skipped: dict[str, int] = {}

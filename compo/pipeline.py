@@ -13,13 +13,15 @@ import torch
 
 from compo import fingerprint
 from compo.config import RunConfig
-from compo.encode import EncodeResult
+from compo.encode import Encoded, EncodeResult
 from compo.errors import Diverged, UserError
-from compo.evaluate import preference_metrics
+from compo.dist import world_info
+from compo.evaluate import bootstrap_means, paired_differences, with_intervals
 from compo.logprobs import PairScores, score_pairs
 from compo.rows import PairRow
-from compo.rundir import write_jsonl
-from compo.split import histogram, noisy_mask, summarize
+from compo.rundir import atomic_write_json, read_json, write_jsonl
+from compo.noise import PairNoise, apply_to_pairs, label_quality, pair_noise, swap_pairs
+from compo.split import calibration, calibration_text, histogram, margins_of, noisy_mask, summarize
 from compo.workspace import Workspace, load_data, say, stage_marker  # noqa: F401 - re-exported
 from compo.workspace import open_workspace as _open
 
@@ -61,6 +63,53 @@ def _split_needs(ws: Workspace) -> tuple[bool, bool]:
     return clean, noisy
 
 
+def _flip_encoded(enc: EncodeResult, flipped: list[int]) -> EncodeResult:
+    """The encoded pairs with the completions of the flipped pairs swapped."""
+    items = list(enc.items)
+    for i in flipped:
+        it = items[i]
+        items[i] = Encoded(it.index, it.prompt, (it.completions[1], it.completions[0]))
+    return EncodeResult(items, enc.n_dropped, enc.n_truncated)
+
+
+def _inject_noise(ws: Workspace, rows: list[PairRow], enc: EncodeResult, scores: PairScores,
+                  margins: torch.Tensor) -> tuple[list[PairRow], EncodeResult, PairScores, dict | None]:
+    """Flip or coin-label training pairs per data.noise, after reference scoring (a flip swaps
+    the two log-probs, so nothing is scored twice); returns the changed rows and a summary."""
+    nc = ws.cfg.data.noise
+    if nc.kind not in ("flip", "ambiguous"):
+        return rows, enc, scores, None
+    seed = ws.cfg.seed if nc.seed is None else nc.seed
+    pn = pair_noise(nc.kind, nc.rate, len(rows), seed, nc.bias, margins.abs().tolist())
+    lp = swap_pairs(torch.stack([scores.chosen, scores.rejected], 1), pn.flipped)
+    nt = swap_pairs(torch.stack([scores.chosen_tokens, scores.rejected_tokens], 1), pn.flipped)
+    say(f"noise: {nc.kind} ({nc.bias}) flipped {len(pn.flipped)} of {len(rows)} training labels"
+        + (f" ({len(pn.ambiguous)} given coin labels)" if pn.ambiguous else ""))
+    return (apply_to_pairs(rows, pn), _flip_encoded(enc, pn.flipped),
+            PairScores(lp[:, 0], lp[:, 1], nt[:, 0], nt[:, 1]), pn.summary())
+
+
+def _reuse_flips(ws: Workspace, rows: list[PairRow], enc: EncodeResult) -> tuple[list[PairRow], EncodeResult]:
+    """Re-apply the label flips a reused split.jsonl records (its log-probs are already swapped)."""
+    saved = ws.saved_split
+    flipped = [i for i, r in enumerate(saved) if r.get("label_flipped")]
+    amb = [i for i, r in enumerate(saved) if r.get("ambiguous")]
+    nc = ws.cfg.data.noise
+    rows = apply_to_pairs(rows, PairNoise(nc.kind, nc.rate, nc.bias, len(rows), flipped, amb))
+    for i, (r, s) in enumerate(zip(rows, saved)):
+        if s.get("chosen", r.chosen) != r.chosen:
+            raise UserError(str(ws.run.split), f"line {i + 1} does not match the data's pair {r.source} "
+                            "(another data set or noise setting): delete it or use a new run_dir")
+    return rows, _flip_encoded(enc, flipped)
+
+
+def _label_flags(rows: list[PairRow]) -> list[bool] | None:
+    """Per pair, whether its training label is wrong against the original (or gold) label."""
+    if not any("label_flipped" in r.meta or "gold" in r.meta for r in rows):
+        return None
+    return [bool(r.meta.get("label_flipped", False)) != (r.meta.get("gold", True) is False) for r in rows]
+
+
 def run_split(ws: Workspace) -> SplitResult:
     """Reference margins for every pair, the noisy mask, split.jsonl and the console summary.
 
@@ -77,6 +126,7 @@ def run_split(ws: Workspace) -> SplitResult:
         scores = PairScores(*(torch.tensor([r[k] for r in saved]) for k in
                               ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
         noisy = torch.tensor([r["noisy"] for r in saved])
+        rows, enc = _reuse_flips(ws, rows, enc)
         say(f"split: reusing {run.split} ({int(noisy.sum())} noisy of {len(saved)})")
         return SplitResult(rows, enc, scores, noisy)
     if enc.n_dropped:
@@ -89,37 +139,63 @@ def run_split(ws: Workspace) -> SplitResult:
     scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs")
     if ref_model is not ws.model:
         del ref_model
-    margins = scores.chosen - scores.rejected
+    kinds = {k: margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, k)
+             for k in ("sum", "mean")}
+    margins = kinds[cfg.split.margin]
     bad = (~torch.isfinite(margins)).nonzero().flatten().tolist()
     if bad:
         raise Diverged(f"split: the reference model gives non-finite log-probs for {len(bad)} pairs "
                        f"(first: {rows[bad[0]].source}); split.jsonl was not written")
+    rows, enc, scores, noise_summary = _inject_noise(ws, rows, enc, scores, margins)
+    kinds = {k: margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, k)
+             for k in ("sum", "mean")}
+    margins = kinds[cfg.split.margin]
     noisy = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile, cfg.split.require_positive)
+    table = calibration(kinds)
     need_clean, need_noisy = _split_needs(ws)
+    how = f"|{cfg.split.margin} margin| < {cfg.split.delta}" if cfg.split.rule == "absolute" else f"quantile {cfg.split.quantile}"
     if need_clean and not bool((~noisy).any()):
-        raise UserError("split.delta", f"all {len(rows)} pairs are noisy (|margin| < {cfg.split.delta}), so stage 1 "
-                        "has nothing to train on: lower split.delta, use split.rule=quantile or stage1.train_on=all")
+        say("split calibration (pairs marked noisy):\n" + calibration_text(table))
+        raise UserError("split.delta", f"all {len(rows)} pairs are noisy ({how}), so stage 1 has nothing to train "
+                        "on: lower split.delta, use split.rule=quantile or stage1.train_on=all")
     if need_noisy and not bool(noisy.any()):
-        raise UserError("split.delta", f"no pair is noisy (|margin| < {cfg.split.delta}), so stage 2 has nothing to "
-                        "train on: raise split.delta, use split.rule=quantile, or zo.enabled=false")
+        say("split calibration (pairs marked noisy):\n" + calibration_text(table))
+        raise UserError("split.delta", f"no pair is noisy ({how}), so stage 2 has nothing to train on: raise "
+                        "split.delta, use split.rule=quantile or split.margin=mean, or zo.enabled=false")
     fingerprint.record(run, "split", None)
     write_jsonl(run.split, (
         {"prompt": _prompt_json(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
          "logp_chosen": float(scores.chosen[i]), "logp_rejected": float(scores.rejected[i]),
          "chosen_tokens": int(scores.chosen_tokens[i]), "rejected_tokens": int(scores.rejected_tokens[i]),
-         "margin": float(margins[i]), "noisy": bool(noisy[i]), "source": r.source}
+         "margin": float(kinds["sum"][i]), "margin_mean": float(kinds["mean"][i]), "noisy": bool(noisy[i]),
+         "label_flipped": bool(r.meta.get("label_flipped", False)),
+         **({"ambiguous": bool(r.meta["ambiguous"])} if "ambiguous" in r.meta else {}), "source": r.source}
         for i, r in enumerate(rows)
     ))
     fingerprint.record(run, "split", ws.fingerprints.get("split") or fingerprint.current(cfg, "split"))
     stats = summarize(margins, noisy)
-    stats["n_dropped_long_prompt"] = enc.n_dropped
-    stats["n_truncated"] = enc.n_truncated
+    stats.update(margin=cfg.split.margin, n_dropped_long_prompt=enc.n_dropped, n_truncated=enc.n_truncated,
+                 calibration=table)
+    if noise_summary:
+        stats["noise"] = noise_summary
+    flags = _label_flags(rows)
+    if flags is not None:
+        stats.update(label_quality(flags, noisy.tolist()))
     run.update_summary(**{k: stats[k] for k in ("n_pairs", "n_clean", "n_noisy")}, split=stats)
     say(f"split: {stats['n_pairs']} pairs -> {stats['n_clean']} clean, {stats['n_noisy']} noisy "
-        f"(rule={cfg.split.rule}, delta={cfg.split.delta}); margin p10/p50/p90 = "
+        f"({how}); {cfg.split.margin} margin p10/p50/p90 = "
         f"{stats['margin_p10']:.2f}/{stats['margin_p50']:.2f}/{stats['margin_p90']:.2f}")
-    say("reference margin histogram:\n" + histogram(margins))
+    if flags is not None and stats["wrong_labels"]:
+        lc_n, lc_c, share = stats["label_correct/noisy"], stats["label_correct/clean"], stats["wrong_labels_in_noisy"]
+        say(f"split: correct labels {_pct(lc_n)} of noisy vs {_pct(lc_c)} of clean pairs; {_pct(share)} of the "
+            f"{stats['wrong_labels']} wrong labels are in the noisy part")
+    say("split calibration (pairs marked noisy):\n" + calibration_text(table))
+    say(f"reference {cfg.split.margin} margin histogram:\n" + histogram(margins))
     return SplitResult(rows, enc, scores, noisy)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 # ---------------------------------------------------------------- stage 1
@@ -161,17 +237,54 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "") -> tuple[dict, PairScores | None]:
-    """Preference metrics of the current model on the held-out pairs."""
+def _saved_eval(ws: Workspace, label: str, sources: list[str]) -> PairScores | None:
+    """Held-out scores of ``label`` kept in eval_scores.json for the same held-out pairs."""
+    if not ws.run.eval_scores.exists():
+        return None
+    saved = read_json(ws.run.eval_scores)
+    if saved.get("sources") != sources or label not in saved:
+        return None
+    d = saved[label]
+    return PairScores(*(torch.tensor(d[k]) for k in ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
+
+
+def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reuse: bool = False) -> tuple[dict, PairScores | None]:
+    """Preference metrics (with bootstrap intervals) of the current model on the held-out pairs;
+    their per-pair log-probs are kept in eval_scores.json under ``label`` (and, with ``reuse``,
+    read back from there instead of scoring again)."""
     if not ws.eval:
         return {}, None
+    cfg = ws.cfg
     enc = ws.encode(ws.eval)
-    scores = score_pairs(ws.model, enc.items, ws.pad_id, ws.cfg.split.batch_size, desc=f"eval {label}".strip())
-    return preference_metrics(scores, ref, ws.cfg.stage1.beta), scores
+    if enc.n_dropped and label == "reference":
+        say(f"eval: dropped {enc.n_dropped} of {len(ws.eval)} held-out pairs whose prompt exceeds "
+            f"data.max_prompt_length={cfg.data.max_prompt_length}")
+    sources = [ws.eval[it.index].source for it in enc.items]
+    scores = _saved_eval(ws, label, sources) if reuse else None
+    if scores is not None:
+        say(f"eval {label}: reusing the held-out scores in {ws.run.eval_scores}")
+    else:
+        scores = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, desc=f"eval {label}".strip())
+    out = with_intervals(scores, ref, cfg.stage1.beta, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
+    out["n_pairs"], out["n_dropped"] = len(enc.items), enc.n_dropped
+    if label and world_info()[1] == 0:
+        saved = read_json(ws.run.eval_scores) if ws.run.eval_scores.exists() else {}
+        if saved.get("sources") != sources:
+            saved = {"sources": sources}
+        saved[label] = {"logp_chosen": scores.chosen.tolist(), "logp_rejected": scores.rejected.tolist(),
+                        "chosen_tokens": scores.chosen_tokens.tolist(), "rejected_tokens": scores.rejected_tokens.tolist()}
+        atomic_write_json(ws.run.eval_scores, saved)
+    return out, scores
 
 
 def _fmt(m: dict, keys=("accuracy", "shift/chosen", "shift/rejected")) -> str:
-    return ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+    ci = m.get("ci", {})
+    parts = []
+    for k in keys:
+        if k in m:
+            lo, hi = ci.get(k, (None, None))
+            parts.append(f"{k}={m[k]:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and lo == lo else ""))
+    return ", ".join(parts)
 
 
 def run_pipeline(cfg: RunConfig, resume: bool = False, force_resume: bool = False) -> dict:
@@ -204,10 +317,11 @@ def _resume_finished(ws: Workspace) -> str | None:
 
 def _pipeline(ws: Workspace, t0: float) -> dict:
     cfg = ws.cfg
+    s1 = None
     split = run_split(ws) if ws.kind == "paired" else None
     if split is None:
         say("split: skipped (unpaired data has no chosen/rejected margin; see README 'Unpaired data')")
-    before, ref_eval = evaluate(ws, label="reference")
+    before, ref_eval = evaluate(ws, label="reference", reuse=ws.saved_split is not None)
     evals = {"reference": before}
     if before:
         say(f"eval reference: {_fmt(before)}")
@@ -216,8 +330,9 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
         run_stage1(ws, split, ws.resume)
     if cfg.stage1.enabled and done == "stage2":
         evals["stage1"] = ws.run.summary().get("eval", {}).get("stage1", {})
+        s1 = _saved_eval(ws, "stage1", [ws.eval[it.index].source for it in ws.encode(ws.eval).items]) if ws.eval else None
     elif cfg.stage1.enabled:
-        evals["stage1"], _ = evaluate(ws, ref_eval, "stage1")
+        evals["stage1"], s1 = evaluate(ws, ref_eval, "stage1", reuse=done == "stage1")
         say(f"eval after stage1: {_fmt(evals['stage1'])}")
         ws.run.update_summary(eval=evals)
     if cfg.zo.enabled and split is not None:
@@ -225,12 +340,24 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
 
         if done != "stage2":
             run_stage2(ws, split, ws.resume)
-        evals["stage2"], _ = evaluate(ws, ref_eval, "stage2")
+        evals["stage2"], s2 = evaluate(ws, ref_eval, "stage2")
         say(f"eval after stage2: {_fmt(evals['stage2'])}")
+        if s1 is not None and s2 is not None:
+            evals["stage2_effect"] = paired_effect(s1, s2, ref_eval, cfg)
     extra = {"forced_resume": ws.forced} if ws.forced else {}
     summary = ws.run.update_summary(eval=evals, wall_s=round(time.time() - t0, 2), **extra)
     print_summary(summary)
     return summary
+
+
+def paired_effect(before: PairScores, after: PairScores, ref: PairScores, cfg: RunConfig) -> dict:
+    """Stage 2's own effect: per held-out pair, the metric after stage 2 minus after stage 1, with
+    a paired bootstrap interval (``ci``), in the format of the other ``eval`` entries."""
+    diff = paired_differences(before, after, ref, cfg.stage1.beta)
+    out = {k: float(v.mean()) for k, v in diff.items()}
+    if cfg.eval.bootstrap:
+        out["ci"] = {k: list(v) for k, v in bootstrap_means(diff, cfg.eval.bootstrap, cfg.eval.level, cfg.seed).items()}
+    return out
 
 
 def print_summary(summary: dict) -> None:
@@ -245,10 +372,26 @@ def print_summary(summary: dict) -> None:
         say("  stage1 final: " + ", ".join(f"{k}={s[k]:.4f}" for k in keys if k in s))
     if "stage2" in summary:
         s = summary["stage2"]
-        say("  stage2: " + ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, (dict, list))))
+        if "stopped" in s:
+            say(f"  stage2: stopped: {s['stopped']}")
+        else:
+            say(f"  stage2: {s.get('steps')} steps, {s.get('steps_taken')} taken, {s.get('steps_skipped')} skipped "
+                f"{s.get('skip_reasons') or ''}; mean N-/m {_g(s.get('mean_frac_minus'))}, mean signal cosine "
+                f"{_g(s.get('mean_signal_cos'))}, energy kept by sparsity {_g(s.get('mean_energy_kept'))}")
+            for part in ("noisy_trained", "noisy_untrained"):
+                if f"{part}/shift_chosen" in s:
+                    say(f"  stage2 log-prob shift on {s.get(part + '/n')} {part.replace('_', ' ')} pairs: chosen "
+                        f"{_g(s[part + '/shift_chosen'])}, rejected {_g(s[part + '/shift_rejected'])}")
         for w in s.get("warnings", []):
             say(f"  warning: {w}")
     for name, m in summary.get("eval", {}).items():
-        if m:
+        if m and name != "stage2_effect":
             say(f"  held-out after {name:9s}: {_fmt(m)}")
+    eff = summary.get("eval", {}).get("stage2_effect")
+    if eff:
+        say(f"  stage 2's own effect on the same held-out pairs (paired bootstrap): {_fmt(eff, ('accuracy', 'shift/chosen', 'shift/rejected'))}")
     say("=" * 60)
+
+
+def _g(x) -> str:
+    return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))

@@ -164,7 +164,7 @@ class RunDir:
 
     config = property(lambda self: self.root / "config.yaml")
     split = property(lambda self: self.root / "split.jsonl")
-    eval_pairs = property(lambda self: self.root / "eval.jsonl")
+    eval_scores = property(lambda self: self.root / "eval_scores.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     summary_path = property(lambda self: self.root / "summary.json")
     fingerprint = property(lambda self: self.root / "fingerprint.json")

@@ -67,20 +67,31 @@ class Workspace:
         self.oracles = None
 
 
+def _subset(rows: list, n: int | None, seed: int) -> list:
+    """A seeded random subset of n rows, in their original order (all rows when n is None)."""
+    if n is None or n >= len(rows):
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
 def load_data(cfg: RunConfig) -> tuple[list, list[PairRow], str]:
     """(training rows, held-out pairs, kind). Held-out pairs come from eval_path, a seeded
-    eval_fraction of the data, or, for the toy task, its gold-labelled held-out set."""
+    eval_fraction of the data, or, for the toy task, its gold-labelled held-out set.
+    ``data.limit`` takes a seeded random subset of the file first (so the held-out fraction is
+    a fraction of it), ``data.eval_limit`` one of the held-out pairs."""
     if cfg.data.path == "toy":
         from compo import toy
 
         train, held = toy.toy_dataset(cfg.data.toy, cfg.seed)
         kind = "paired"
+        train = _subset(train, cfg.data.limit, cfg.seed + 101)
     else:
         from compo.data import load_rows
 
         res = load_rows(cfg.data.path, kind=cfg.data.kind, rating_threshold=cfg.data.rating_threshold,
                         on_invalid=cfg.data.on_invalid, split=cfg.data.split)
-        train, kind = list(res.rows), res.kind
+        train, kind = _subset(list(res.rows), cfg.data.limit, cfg.seed + 101), res.kind
         if res.n_skipped:
             say(f"data: skipped {res.n_skipped} invalid rows of {res.source}: {res.skipped}")
         held = []
@@ -94,8 +105,20 @@ def load_data(cfg: RunConfig) -> tuple[list, list[PairRow], str]:
             held_idx = set(order[:k])
             held = [r for i, r in enumerate(train) if i in held_idx]
             train = [r for i, r in enumerate(train) if i not in held_idx]
-    if cfg.data.limit:
-        train = train[: cfg.data.limit]
+    held = _subset(held, cfg.data.eval_limit, cfg.seed + 103)
+    noise = cfg.data.noise
+    if noise.kind == "shift":
+        if kind != "unpaired":
+            raise UserError("data.noise.kind", "shift skews thumbs-up vs thumbs-down prompts and needs unpaired "
+                            "data; use flip or ambiguous for pairs")
+        from compo.noise import shift_unpaired
+
+        n0 = len(train)
+        train, dropped = shift_unpaired(train, noise.rate, cfg.seed if noise.seed is None else noise.seed)
+        say(f"data: noise shift dropped {len(dropped)} of {n0} rows (short-prompt thumbs-up, long-prompt thumbs-down)")
+    elif noise.kind != "none" and kind != "paired":
+        raise UserError("data.noise.kind", f"{noise.kind} noise changes pair labels and needs paired data; "
+                        "use shift for thumbs-up/down rows")
     say(f"data: {len(train)} {kind} training rows, {len(held)} held-out pairs")
     return train, held, kind
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from compo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "quickstart.yaml")
+CONFIG = str(ROOT / "tests" / "tiny.yaml")
 
 # tests/test_cli.py's SMALL, with one more stage-2 step (so a run killed after step 3 has a
 # step-2 checkpoint and one step to go) and a stage-1 checkpoint every 2 steps. Every prepared
@@ -36,7 +36,7 @@ CONFIG = str(ROOT / "configs" / "quickstart.yaml")
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
          "zo.m=32", "zo.max_steps=3", "zo.checkpoint_every=2"]
 PREP = SMALL + ["zo.max_steps=4", "stage1.save_steps=2"]
-FILE_DATA = ["data.max_length=32", "data.max_prompt_length=16"]  # (the quickstart's values, explicit)
+FILE_DATA = ["data.max_length=32", "data.max_prompt_length=16"]  # (tests/tiny.yaml's values, explicit)
 
 TOPICS = ["weather", "music", "code", "food", "travel", "books", "sport", "math"]
 PAIRS = [{"prompt": f"Q: {t} {u} A:", "chosen": "please thanks glad sure the", "rejected": "no ugh whatever bad the"}

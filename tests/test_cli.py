@@ -34,7 +34,7 @@ def test_bad_override_exits_with_message(capsys):
 
 def test_pipeline_writes_the_run_directory_contract(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["pipeline", "-c", "configs/quickstart.yaml", "--run-dir", str(run)]
+    args = ["pipeline", "-c", "tests/tiny.yaml", "--run-dir", str(run)]
     for s in SMALL:
         args += ["--set", s]
     assert main(args) == 0
@@ -59,7 +59,7 @@ def test_pipeline_writes_the_run_directory_contract(tmp_path, capsys):
 
 def test_pipeline_resume_skips_finished_stages(tmp_path, capsys):
     run = tmp_path / "run"
-    base = ["pipeline", "-c", "configs/quickstart.yaml", "--run-dir", str(run)]
+    base = ["pipeline", "-c", "tests/tiny.yaml", "--run-dir", str(run)]
     for s in SMALL:
         base += ["--set", s]
     assert main(base + ["--set", "zo.enabled=false"]) == 0  # a run that ended after stage 1

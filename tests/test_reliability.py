@@ -26,7 +26,7 @@ VOLATILE = ("wall_s", "perturbations_per_s", "prep_s")
 
 
 def _argv(run: Path, extra=()) -> list[str]:
-    argv = ["pipeline", "-c", "configs/quickstart.yaml", "--run-dir", str(run)]
+    argv = ["pipeline", "-c", "tests/tiny.yaml", "--run-dir", str(run)]
     for s in [*RUN_ARGS, *extra]:
         argv += ["--set", s]
     return argv
@@ -199,9 +199,9 @@ def test_budget_limits_are_not_part_of_the_fingerprint(judge_server, tmp_path):
     from compo import fingerprint
     from compo.config import load_config
 
-    a = load_config("configs/quickstart.yaml", _judge_args(judge_server, tmp_path / "a.sqlite", 5))
-    b = load_config("configs/quickstart.yaml", _judge_args(judge_server, tmp_path / "b.sqlite", 500) + ["run_dir=x"])
-    c = load_config("configs/quickstart.yaml", _judge_args(judge_server, tmp_path / "a.sqlite", 5) + ["zo.m=9"])
+    a = load_config("tests/tiny.yaml", _judge_args(judge_server, tmp_path / "a.sqlite", 5))
+    b = load_config("tests/tiny.yaml", _judge_args(judge_server, tmp_path / "b.sqlite", 500) + ["run_dir=x"])
+    c = load_config("tests/tiny.yaml", _judge_args(judge_server, tmp_path / "a.sqlite", 5) + ["zo.m=9"])
     fa, fb, fc = (fingerprint.current(x, "stage2") for x in (a, b, c))
     assert fingerprint.differences(fa, fb) == []
     assert fingerprint.differences(fa, fc) == ["zo.m"]

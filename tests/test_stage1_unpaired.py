@@ -20,7 +20,7 @@ from compo.config import load_config
 from compo.pipeline import open_workspace
 from compo.udm import UDMClassifier
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[1] / "tests" / "tiny.yaml"
 
 BASE = [
     "data.max_length=32", "data.max_prompt_length=16", "data.toy.n_train=96", "data.toy.n_eval=16",

@@ -39,3 +39,46 @@ def skip_reason(n_minus: int, m: int, threshold: float) -> str | None:
 def proposed_head(w: torch.Tensor, g_sparse: torch.Tensor, gamma: float, frac: float) -> torch.Tensor:
     """W - gamma * (N-/m) * g_sparse: a step against the estimated 'worse' direction."""
     return w - (gamma * frac) * g_sparse
+
+
+def signal_mu2(u_sq_norm: float, n_votes: int, dim: int, sphere: bool = False) -> float:
+    """Unbiased estimate of mu^2, the squared mean projection of y_i z_i on the expected direction.
+
+    With n non-zero votes, E||u||^2 = S + n(n-1) mu^2, where S = sum ||y_i z_i||^2 is n * dim
+    for N(0, I) draws (n for unit vectors). Noisy for one step at small m: average it over steps."""
+    if n_votes < 2:
+        return 0.0
+    return (u_sq_norm - n_votes * (1.0 if sphere else dim)) / (n_votes * (n_votes - 1))
+
+
+def signal_cosine(u_sq_norm: float, n_votes: int, dim: int, sphere: bool = False, mu2: float | None = None) -> float:
+    """Estimated cosine between u = sum_i y_i z_i and its expectation: n mu / ||u||, with mu^2 from
+    :func:`signal_mu2` (or a pooled ``mu2``), clipped at 0. Near 0: the update is noise."""
+    if n_votes < 2 or u_sq_norm <= 0:
+        return 0.0
+    mu2 = signal_mu2(u_sq_norm, n_votes, dim, sphere) if mu2 is None else mu2
+    return min(1.0, n_votes * math.sqrt(max(0.0, mu2)) / math.sqrt(u_sq_norm))
+
+
+def binomial_critical(n: int, p: float, alpha: float) -> int:
+    """The smallest k with P(X >= k) <= alpha for X ~ Binomial(n, p) (n + 1 if none)."""
+    if n <= 0:
+        return 1
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+            for k in range(n + 1)]
+    tail = 0.0
+    for k in range(n, -1, -1):
+        tail += math.exp(logs[k])
+        if tail > alpha:
+            return k + 1
+    return 0
+
+
+def agreement_skip_reason(agree: int, n_votes: int, alpha: float) -> str | None:
+    """The binomial rule: with no signal, each vote term y_i z_i agrees in sign with the sum of
+    the others (y_i z_i . u_(-i) > 0) with probability 1/2; skip unless the agreements are
+    significantly more than n/2 at level alpha."""
+    need = binomial_critical(n_votes, 0.5, alpha)
+    if agree < need:
+        return f"no significant signal: {agree}/{n_votes} votes agree with the rest, {need} needed at alpha={alpha}"
+    return None

@@ -7,8 +7,10 @@ import time
 from safetensors.torch import save_file
 
 from compo import faults
-from compo.logprobs import score_pairs
-from compo.split import noisy_mask
+import torch
+
+from compo.logprobs import PairScores, score_pairs
+from compo.split import margins_of, noisy_mask
 
 
 def select_noisy(ws, split) -> list[int]:
@@ -21,19 +23,39 @@ def select_noisy(ws, split) -> list[int]:
     if cfg.zo.noisy_rule == "paper":
         return split.noisy.nonzero().flatten().tolist()
     scores = score_pairs(ws.model, split.encoded.items, ws.pad_id, cfg.split.batch_size, desc="policy margins")
-    mask = noisy_mask(scores.chosen - scores.rejected, cfg.split.rule, cfg.split.delta, cfg.split.quantile,
+    margins = margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, cfg.split.margin)
+    mask = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile,
                       require_positive=True)
     return mask.nonzero().flatten().tolist()
 
 
-def _noisy_shifts(before, after) -> dict:
+def _noisy_shifts(before, after, prefix: str = "noisy") -> dict:
     """The likelihood-displacement signal of stage 2 itself: chosen should rise, rejected fall."""
     return {
-        "noisy/shift_chosen": float((after.chosen - before.chosen).mean()),
-        "noisy/shift_rejected": float((after.rejected - before.rejected).mean()),
-        "noisy/frac_chosen_up": float((after.chosen > before.chosen).float().mean()),
-        "noisy/frac_rejected_down": float((after.rejected < before.rejected).float().mean()),
+        f"{prefix}/shift_chosen": float((after.chosen - before.chosen).mean()),
+        f"{prefix}/shift_rejected": float((after.rejected - before.rejected).mean()),
+        f"{prefix}/frac_chosen_up": float((after.chosen > before.chosen).float().mean()),
+        f"{prefix}/frac_rejected_down": float((after.rejected < before.rejected).float().mean()),
     }
+
+
+def step_diagnostics(run) -> dict:
+    """Means over the logged stage-2 steps: the estimated signal cosine of u (near 0: the update
+    is noise), the share of the direction's energy the sparsity rule kept (taken steps)."""
+    from compo.rundir import read_jsonl
+
+    recs = [r for r in read_jsonl(run.metrics) if r.get("stage") == "stage2"] if run.metrics.exists() else []
+    taken = [r for r in recs if not r.get("skipped")]
+    out = {}
+    if recs and all("signal_cos" in r for r in recs):
+        out["mean_signal_cos"] = sum(r["signal_cos"] for r in recs) / len(recs)
+    if taken and all("energy_kept" in r for r in taken):
+        out["mean_energy_kept"] = sum(r["energy_kept"] for r in taken) / len(taken)
+    return out
+
+
+def _subset(scores: PairScores, mask: torch.Tensor) -> PairScores:
+    return PairScores(scores.chosen[mask], scores.rejected[mask], scores.chosen_tokens[mask], scores.rejected_tokens[mask])
 
 
 def run_stage2(ws, split, resume: bool = False) -> dict:
@@ -66,6 +88,15 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     before = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs before")
     t0 = time.time()
     trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
+    total = trainer.total_steps(len(idx))
+    schedule = {i for t in range(total) for i in trainer.pairs_for_step(t, len(idx))}
+    if cfg.zo.track_pairs:
+        from compo.zo.track import PairTracker, tracked_indices
+
+        tracker = PairTracker(ws.model, noisy_items, [split.rows[i] for i in idx], ws.pad_id,
+                              tracked_indices(len(idx), total, cfg.zo.track_pairs, trainer.pairs_for_step))
+        tracker.start(trainer.w)
+        trainer.extras.append(tracker)
     try:
         totals = trainer.train(noisy_items, [split.rows[i] for i in idx], ws.run, resume)
     except Paused as e:
@@ -89,6 +120,12 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
         final["forced_resume"] = ws.forced["stage2"]
     after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after")
     final.update(_noisy_shifts(before, after))
+    trained = torch.tensor([i in schedule for i in range(len(idx))])
+    for name, mask in (("trained", trained), ("untrained", ~trained)):
+        if bool(mask.any()):
+            final.update(_noisy_shifts(_subset(before, mask), _subset(after, mask), f"noisy_{name}"))
+        final[f"noisy_{name}/n"] = int(mask.sum())
+    final.update(step_diagnostics(ws.run))
     if not rank0:
         return final
     w = trainer.w

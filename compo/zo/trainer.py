@@ -16,14 +16,17 @@ from tqdm.auto import tqdm
 
 from compo import faults
 from compo.config import ZOConfig
-from compo.dist import all_reduce_sum, world_info
+from compo.dist import all_gather_votes, all_reduce_sum, broadcast_votes, comm_device, world_info
 from compo.errors import Diverged, Paused
 from compo.models import untie_head
 from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
-from compo.zo.estimator import normalise, proposed_head, skip_reason, sparsify
+from compo.zo.estimator import (
+    agreement_skip_reason, normalise, proposed_head, signal_cosine, signal_mu2, skip_reason, sparsify,
+)
 from compo.zo.head import (
     HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, projection_basis,
 )
+from compo.zo.monitor import new_state, observe
 from compo.zo.perturb import PerturbationSource
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.judges.base import JudgeQuit
@@ -45,31 +48,6 @@ class BudgetSpent(JudgeQuit):
     """A judge refused votes for lack of budget during a step: the step is redone on --resume."""
 
 
-def _comm_device(device: torch.device) -> torch.device:
-    import torch.distributed as dist
-
-    return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_gather_votes(votes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every rank filled its own chunks (zeros elsewhere): a sum gives all votes everywhere."""
-    import torch.distributed as dist
-
-    buf = votes.to(device=_comm_device(device), dtype=torch.int32)
-    dist.all_reduce(buf)
-    return buf.to(device="cpu", dtype=torch.int8)
-
-
-def broadcast_votes(votes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if world_info()[0] == 1:
-        return votes
-    buf = votes.to(device=_comm_device(device), dtype=torch.int32)
-    dist.broadcast(buf, src=0)
-    return buf.to(device="cpu", dtype=torch.int8)
-
-
 class ZOTrainer:
     """Stage 2 over a model whose body stays frozen; only the output layer moves."""
 
@@ -86,6 +64,7 @@ class ZOTrainer:
         self.checked = False
         self._buffers: dict[str, torch.Tensor] = {}  # reused across steps: fresh big tensors cost page faults
         self.generator = None
+        self.extras: list[Callable[[int, dict, torch.Tensor], None]] = []  # add fields to each step's record
         gen_oracles = [o for o in (self.oracle, self.accept_oracle) if o.needs == Evidence.GENERATIONS]
         if gen_oracles:
             if tokenizer is None:
@@ -205,9 +184,19 @@ class ZOTrainer:
             raise Diverged(f"stage2 step {t + 1}: the estimate sum(y_i z_i) is not finite (zo.radius={cfg.radius})")
         n_minus = int((votes == BETTER).sum())
         frac = n_minus / cfg.m
+        self.last_u = u
+        u_sq = float(torch.linalg.vector_norm(u, dtype=torch.float64) ** 2)
         rec: dict = {"stage": "stage2", "step": t + 1, "n_minus": n_minus, "frac_minus": frac,
-                     "n_abstain": int((votes == 0).sum())}
-        reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
+                     "n_abstain": int((votes == 0).sum()),
+                     "signal_cos": signal_cosine(u_sq, int((votes != 0).sum()), v * width, cfg.distribution == "sphere"),
+                     "signal_mu2": signal_mu2(u_sq, int((votes != 0).sum()), v * width, cfg.distribution == "sphere"),
+                     "u_sq_norm": u_sq}
+        rec.update(n_votes=int((votes != 0).sum()), dim=v * width)
+        if cfg.skip_rule == "fixed":
+            reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
+        else:
+            rec["n_agree"] = self._agreements(t, chunks, source, votes, u, buf)
+            reason = agreement_skip_reason(rec["n_agree"], rec["n_votes"], cfg.skip_alpha)
         new_w = g_sparse = None
         if reason is None:
             g = normalise(u @ q.T if q is not None else u)
@@ -240,6 +229,7 @@ class ZOTrainer:
             dtype = self.head.weight.dtype
             rec["frac_changed"] = int(torch.count_nonzero(new_w.to(dtype) != self.w.to(dtype))) / new_w.numel()
             rec["frac_kept"] = int(torch.count_nonzero(g_sparse)) / g_sparse.numel()
+            rec["energy_kept"] = float(torch.linalg.vector_norm(g_sparse, dtype=torch.float64) ** 2)
             rec["update_norm"] = float(torch.linalg.vector_norm(new_w - self.w, dtype=torch.float64))
             rec["update_ratio"] = rec["update_norm"] / max(float(torch.linalg.vector_norm(self.w, dtype=torch.float64)), 1e-30)
             self.w = new_w
@@ -248,7 +238,7 @@ class ZOTrainer:
             if not torch.isfinite(after_lp).all():
                 raise Diverged(f"stage2 step {t + 1}: the updated head gives non-finite log-probs (zo.gamma={cfg.gamma})")
         else:
-            rec.update(frac_changed=0.0, frac_kept=0.0, update_norm=0.0, update_ratio=0.0)
+            rec.update(frac_changed=0.0, frac_kept=0.0, energy_kept=0.0, update_norm=0.0, update_ratio=0.0)
         rec["skipped"] = reason is not None
         rec["skip_reason"] = reason
         b = inp.n_pairs
@@ -263,6 +253,17 @@ class ZOTrainer:
         rec.update({f"oracle/{k}": val for k, val in self.oracle.stats().items()})
         return rec
 
+    def _agreements(self, t: int, chunks, source, votes: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> int:
+        """#{i : y_i != 0 and y_i z_i . (u - y_i z_i) > 0}, regenerating z from seeds (one more pass)."""
+        agree = 0
+        for idx in chunks:
+            z = source.draw(t, idx, out=buf)
+            coef = votes[idx.start : idx.stop].to(device=z.device, dtype=torch.float32) * (source.scales(z) / self.cfg.radius)
+            terms = z.flatten(1) * coef[:, None]
+            loo = terms @ u.flatten() - terms.pow(2).sum(1)
+            agree += int(((loo > 0) & (coef != 0)).sum())
+        return agree
+
     @property
     def _budgeted(self) -> bool:
         """Whether an oracle can refuse votes for budget (the same on every rank: set by the config);
@@ -275,7 +276,7 @@ class ZOTrainer:
     @staticmethod
     def _refused_anywhere(n: int, device: torch.device) -> bool:
         """Whether any process had a vote refused for budget this step (all ranks agree)."""
-        return bool(all_reduce_sum(torch.tensor([n], dtype=torch.float64), _comm_device(device)).item() > 0)
+        return bool(all_reduce_sum(torch.tensor([n], dtype=torch.float64), comm_device(device)).item() > 0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -321,6 +322,15 @@ class ZOTrainer:
                 print(f"stage2: {totals['stopped']}", flush=True)
                 raise Paused(f"stage2 paused before step {t + 1} of {total}: {e}; the checkpoint is in "
                              f"{ckpt_dir} and --resume continues from there", totals) from None
+            for extra in self.extras:
+                extra(t, rec, self.w)
+            mon = totals.setdefault("monitor", new_state())
+            for msg in observe(mon, rec, self.cfg.pairs_per_step, getattr(self.oracle, "aggregation", None),
+                               rec["dim"], self.cfg.distribution == "sphere"):
+                rec.setdefault("warnings", []).append(msg)
+                totals.setdefault("warnings", []).append(f"stage2 step {t + 1}: {msg}")
+                if rank0:
+                    print(f"warning: stage2 step {t + 1}: {msg}", flush=True)
             if rank0:
                 run.log(rec)
             if rec.get("update_ratio", 0.0) > LARGE_UPDATE and not totals.get("large_update_warned"):

@@ -1,0 +1,107 @@
+"""`compo study`: a 2-method x 2-noise x 1-seed sweep on the tiny model, interrupted and resumed."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import yaml
+
+from compo.cli import main
+from compo.study import load_study
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _study(tmp_path: Path) -> Path:
+    spec = {
+        "base": str(ROOT / "tests" / "tiny.yaml"),
+        "study_dir": str(tmp_path / "study"),
+        "seeds": [0],
+        "noise_rates": [0.0, 0.3],
+        "noise_bias": "low_margin",
+        "overrides": {"data.toy.n_train": 96, "data.toy.n_eval": 48, "model.toy.sft_steps": 40, "data.toy.noise": 0.0,
+                      "stage1.epochs": 1, "zo.m": 32, "zo.max_steps": 4, "zo.checkpoint_every": 1,
+                      "zo.track_pairs": 4, "eval.bootstrap": 200},
+        "methods": ["dpo_clean", "compo_projected"],
+        "metrics": ["accuracy", "shift/chosen"],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(path: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "COMPO_FAULT"}
+    if fault:
+        env["COMPO_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "compo.cli", "study", "-c", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_study_runs_resumes_and_reports(tmp_path):
+    path = _study(tmp_path)
+    root = tmp_path / "study"
+    killed = _run(path, "kill:zo.step:2")  # dies in cell 2 (the first stage-2 cell), step 2
+    assert killed.returncode == -9, killed.stderr
+    done = sorted(p.name for p in (root / "cells").glob("*.json"))
+    assert done == ["s0_n0_dpo_clean.json"]
+    first = (root / "cells" / done[0]).stat().st_mtime_ns
+    stage1_dir = next((root / "runs").glob("s0_n0_stage1-*"))
+    stage1_lines = (stage1_dir / "metrics.jsonl").read_text()
+
+    res = _run(path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cell 1/4 s0_n0_dpo_clean: done earlier, skipping" in res.stdout
+    assert "stage2: resumed from" in res.stdout  # the interrupted cell continued from its checkpoint
+    assert (root / "cells" / done[0]).stat().st_mtime_ns == first
+    assert (stage1_dir / "metrics.jsonl").read_text() == stage1_lines  # stage 1 not redone
+    cell = json.loads((root / "runs" / "s0_n0_compo_projected" / "summary.json").read_text())
+    assert cell["stage2"]["steps"] == 4
+    steps = [json.loads(l)["step"] for l in (root / "runs" / "s0_n0_compo_projected" / "metrics.jsonl").open()
+             if json.loads(l)["stage"] == "stage2"]
+    assert steps == [1, 2, 3, 4]  # each step logged once across the kill
+    assert "reusing" in res.stdout  # stage-2 cells reuse the split and stage 1
+
+    rows = list(csv.DictReader((root / "study.csv").open()))
+    assert {r["cell"] for r in rows} == {"s0_n0_dpo_clean", "s0_n0_compo_projected", "s0_n0.3_dpo_clean",
+                                        "s0_n0.3_compo_projected"}
+    acc = [r for r in rows if r["metric"] == "accuracy"]
+    assert len(acc) == 4 and all(float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"]) for r in acc)
+    assert all(r["n"] == "48" for r in acc)
+    md = (root / "study.md").read_text()
+    assert "## accuracy" in md and "| compo_projected |" in md and "noise 0.3" in md
+    pngs = sorted((root / "plots").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"accuracy_vs_noise.png", "shift_chosen_vs_noise.png", "margins_noise0.png", "margins_noise0.3.png",
+            "trajectories_compo_projected_noise0.png"} <= names
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG
+        assert matplotlib.image.imread(p).shape[0] > 0
+    res = json.loads((root / "cells" / "s0_n0.3_compo_projected.json").read_text())
+    assert len(res["tracks"]) == 4 and res["tracks"][0]["steps"] == [0, 1, 2, 3, 4]
+    assert res["split"]["wrong_labels_in_noisy"] is not None
+
+
+def test_study_config_errors_name_the_key(tmp_path, capsys):
+    path = _study(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["methods"] = {"dpo_clean": {"stage1.bta": 1}}
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", "-c", str(path)]) == 2
+    assert "cell s0_n0_dpo_clean" in capsys.readouterr().err
+    spec["methods"] = ["no_such_method"]
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", "-c", str(path)]) == 2
+    assert "methods.no_such_method: unknown preset" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_every_shipped_study_config_validates():
+    for p in (ROOT / "configs").glob("*study*.yaml"):
+        study, cells = load_study(p)
+        assert len(cells) == len(study.seeds) * len(study.noise_rates) * len(study.methods)
