@@ -161,6 +161,10 @@ def _seed_split(donor: Path, target: Path) -> None:
     if (donor / "reference").exists() and not (target / "reference").exists():
         _clone(donor / "reference", target / "reference")
     atomic_write_json(target / "fingerprint.json", {"split": read_json(donor / "fingerprint.json")["split"]})
+    if (donor / "summary.json").exists():  # the split's counts and label quality (a reused split does not redo them)
+        summary = read_json(donor / "summary.json")
+        atomic_write_json(target / "summary.json", {k: summary[k] for k in ("n_pairs", "n_clean", "n_noisy", "split")
+                                                    if k in summary})
     if (donor / "eval_scores.json").exists():
         saved = read_json(donor / "eval_scores.json")
         atomic_write_json(target / "eval_scores.json", {k: saved[k] for k in ("sources", "reference") if k in saved})

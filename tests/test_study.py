@@ -84,7 +84,9 @@ def test_study_runs_resumes_and_reports(tmp_path):
         assert matplotlib.image.imread(p).shape[0] > 0
     res = json.loads((root / "cells" / "s0_n0.3_compo_projected.json").read_text())
     assert len(res["tracks"]) == 4 and res["tracks"][0]["steps"] == [0, 1, 2, 3, 4]
-    assert res["split"]["wrong_labels_in_noisy"] is not None
+    assert res["split"]["wrong_labels_in_noisy"] is not None  # carried into runs that reuse the split
+    other = json.loads((root / "cells" / "s0_n0.3_dpo_clean.json").read_text())
+    assert other["split"] == res["split"]
 
 
 def test_study_config_errors_name_the_key(tmp_path, capsys):
