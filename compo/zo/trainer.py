@@ -352,7 +352,8 @@ class ZOTrainer:
                 totals["skip_reasons"][key] = totals["skip_reasons"].get(key, 0) + 1
             else:
                 totals["steps_taken"] += 1
-            bar.set_postfix(n_minus=rec["n_minus"], taken=totals["steps_taken"], pps=rec["perturbations_per_s"])
+            bar.set_postfix(n_minus=rec["n_minus"], taken=totals["steps_taken"], cos=f"{rec['signal_cos']:.3f}",
+                            pps=rec["perturbations_per_s"])
             if self.cfg.checkpoint_every and (t + 1) % self.cfg.checkpoint_every == 0 and t + 1 < total:
                 if world_info()[1] == 0:
                     self.save_checkpoint(ckpt_dir, t + 1, totals)
