@@ -106,7 +106,7 @@ def run_eval(cfg: RunConfig) -> dict:
     from compo.models import check_device, check_model_path, load_pretrained
     from compo.workspace import load_data
 
-    check_device(cfg.model.device)
+    device = check_device(cfg.model.device)
     model_path, ref_path = _paths(cfg)
     check_model_path("eval.model", model_path)
     check_model_path("eval.reference", ref_path)
@@ -117,8 +117,6 @@ def run_eval(cfg: RunConfig) -> dict:
     try:
         model, tokenizer = load_pretrained(model_path, cfg)
         ref, _ = load_pretrained(ref_path, cfg)
-        device = torch.device("cuda" if cfg.model.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if cfg.model.device == "auto" else cfg.model.device))
         model.to(device).eval()
         ref.to(device).eval()
         enc = encode_rows(held, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)

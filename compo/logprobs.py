@@ -71,6 +71,17 @@ class PairScores:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
 
+    JSON_KEYS = ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")
+
+    def to_json(self) -> dict:
+        """Plain lists under :attr:`JSON_KEYS` (the layout of eval_scores.json)."""
+        return dict(zip(self.JSON_KEYS, (t.tolist() for t in (self.chosen, self.rejected, self.chosen_tokens,
+                                                                self.rejected_tokens))))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PairScores":
+        return cls(*(torch.tensor(d[k]) for k in cls.JSON_KEYS))
+
 
 @torch.no_grad()
 def score_sequences(

@@ -72,14 +72,15 @@ def _flip_encoded(enc: EncodeResult, flipped: list[int]) -> EncodeResult:
     return EncodeResult(items, enc.n_dropped, enc.n_truncated)
 
 
-def _inject_noise(ws: Workspace, rows: list[PairRow], enc: EncodeResult, scores: PairScores,
-                  margins: torch.Tensor) -> tuple[list[PairRow], EncodeResult, PairScores, dict | None]:
+def _inject_noise(ws: Workspace, rows: list[PairRow], enc: EncodeResult,
+                  scores: PairScores) -> tuple[list[PairRow], EncodeResult, PairScores, dict | None]:
     """Flip or coin-label training pairs per data.noise, after reference scoring (a flip swaps
     the two log-probs, so nothing is scored twice); returns the changed rows and a summary."""
     nc = ws.cfg.data.noise
     if nc.kind not in ("flip", "ambiguous"):
         return rows, enc, scores, None
     seed = ws.cfg.seed if nc.seed is None else nc.seed
+    margins = margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, ws.cfg.split.margin)
     pn = pair_noise(nc.kind, nc.rate, len(rows), seed, nc.bias, margins.abs().tolist())
     lp = swap_pairs(torch.stack([scores.chosen, scores.rejected], 1), pn.flipped)
     nt = swap_pairs(torch.stack([scores.chosen_tokens, scores.rejected_tokens], 1), pn.flipped)
@@ -139,6 +140,8 @@ def run_split(ws: Workspace) -> SplitResult:
     scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs")
     if ref_model is not ws.model:
         del ref_model
+    # a flip swaps a pair's two log-probs: |margin| and finiteness are the same before and after it
+    rows, enc, scores, noise_summary = _inject_noise(ws, rows, enc, scores)
     kinds = {k: margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, k)
              for k in ("sum", "mean")}
     margins = kinds[cfg.split.margin]
@@ -146,10 +149,6 @@ def run_split(ws: Workspace) -> SplitResult:
     if bad:
         raise Diverged(f"split: the reference model gives non-finite log-probs for {len(bad)} pairs "
                        f"(first: {rows[bad[0]].source}); split.jsonl was not written")
-    rows, enc, scores, noise_summary = _inject_noise(ws, rows, enc, scores, margins)
-    kinds = {k: margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, k)
-             for k in ("sum", "mean")}
-    margins = kinds[cfg.split.margin]
     noisy = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile, cfg.split.require_positive)
     table = calibration(kinds)
     need_clean, need_noisy = _split_needs(ws)
@@ -244,8 +243,7 @@ def _saved_eval(ws: Workspace, label: str, sources: list[str]) -> PairScores | N
     saved = read_json(ws.run.eval_scores)
     if saved.get("sources") != sources or label not in saved:
         return None
-    d = saved[label]
-    return PairScores(*(torch.tensor(d[k]) for k in ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
+    return PairScores.from_json(saved[label])
 
 
 def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reuse: bool = False) -> tuple[dict, PairScores | None]:
@@ -271,8 +269,7 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
         saved = read_json(ws.run.eval_scores) if ws.run.eval_scores.exists() else {}
         if saved.get("sources") != sources:
             saved = {"sources": sources}
-        saved[label] = {"logp_chosen": scores.chosen.tolist(), "logp_rejected": scores.rejected.tolist(),
-                        "chosen_tokens": scores.chosen_tokens.tolist(), "rejected_tokens": scores.rejected_tokens.tolist()}
+        saved[label] = scores.to_json()
         atomic_write_json(ws.run.eval_scores, saved)
     return out, scores
 

@@ -102,10 +102,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None,
             for method, extra in study.methods.items():
                 name = cell_name(seed, rate, method)
                 cells[name] = cell_config(base, study, seed, rate, method, extra, overrides or [], name)
-    for cfg in cells.values():
-        if cfg.data.path != "toy" and not (cfg.data.eval_path or cfg.data.eval_fraction > 0):
-            raise UserError(f"{base}: data", "a study scores held-out pairs: set data.eval_path or data.eval_fraction")
-        break
+    first = next(iter(cells.values()))
+    if first.data.path != "toy" and not (first.data.eval_path or first.data.eval_fraction > 0):
+        raise UserError(f"{base}: data", "a study scores held-out pairs: set data.eval_path or data.eval_fraction")
     return study, cells
 
 

@@ -8,7 +8,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
 
 from compo.config import RunConfig
 from compo.evaluate import paired_differences, pair_values, summarise
@@ -21,11 +20,6 @@ SPLIT_KEYS = ("n_clean", "n_noisy", "label_correct/noisy", "label_correct/clean"
 EFFECT_KEYS = ("accuracy", "shift/chosen", "shift/rejected")
 STAGE2_KEYS = ("steps", "steps_taken", "mean_frac_minus", "noisy/shift_chosen", "noisy/shift_rejected",
                "noisy_untrained/shift_chosen", "noisy_untrained/shift_rejected")
-
-
-def _scores(d: dict) -> PairScores:
-    return PairScores(*(torch.tensor(d[k], dtype=torch.float64) for k in
-                        ("logp_chosen", "logp_rejected", "chosen_tokens", "rejected_tokens")))
 
 
 def tracks_of(metrics_path: Path) -> list[dict]:
@@ -49,7 +43,7 @@ def tracks_of(metrics_path: Path) -> list[dict]:
 def cell_metrics(run_dir: Path, stage: str, cfg: RunConfig) -> dict:
     """Held-out metrics of a finished run's ``stage`` against the reference, with intervals."""
     saved = read_json(run_dir / "eval_scores.json", required=("reference", stage))
-    ref, fin = _scores(saved["reference"]), _scores(saved[stage])
+    ref, fin = PairScores.from_json(saved["reference"]), PairScores.from_json(saved[stage])
     vals = pair_values(fin, ref, cfg.stage1.beta)
     margins = {"reference": (ref.chosen - ref.rejected).tolist(), "final": vals.pop("margin").tolist()}
     summary = read_json(run_dir / "summary.json")
@@ -59,7 +53,7 @@ def cell_metrics(run_dir: Path, stage: str, cfg: RunConfig) -> dict:
            "split": split, "stage2": stage2, "margins": margins,
            "tracks": tracks_of(run_dir / "metrics.jsonl") if stage == "stage2" else []}
     if stage == "stage2" and "stage1" in saved:
-        out["stage2_effect"] = stage2_effect(_scores(saved["stage1"]), fin, ref, cfg)
+        out["stage2_effect"] = stage2_effect(PairScores.from_json(saved["stage1"]), fin, ref, cfg)
     return out
 
 

@@ -89,6 +89,23 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert other["split"] == res["split"]
 
 
+def test_a_second_stage1_run_reuses_the_split_and_its_summary(tmp_path, capsys):
+    path = _study(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec.update(noise_rates=[0.3], methods=["dpo_clean", "dpo_all"])
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    root = tmp_path / "study"
+    dirs = sorted((root / "runs").glob("s0_n0.3_stage1-*"))
+    assert len(dirs) == 2  # DPO on clean and on all pairs: two stage-1 runs
+    assert (dirs[0] / "split.jsonl").read_text() == (dirs[1] / "split.jsonl").read_text()
+    assert out.count("split: reusing") == 1  # the second stage-1 run reads the first one's split
+    clean = json.loads((root / "cells" / "s0_n0.3_dpo_clean.json").read_text())["split"]
+    every = json.loads((root / "cells" / "s0_n0.3_dpo_all.json").read_text())["split"]
+    assert every == clean and clean["wrong_labels_in_noisy"] is not None and clean["n_noisy"] > 0
+
+
 def test_study_config_errors_name_the_key(tmp_path, capsys):
     path = _study(tmp_path)
     spec = yaml.safe_load(path.read_text())

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import math
-
 from compo.zo.estimator import signal_cosine
 
 FIRST_STEPS = 5  # aggregation: warn when the first this-many steps are all skipped
@@ -74,13 +72,3 @@ def observe(state: dict, rec: dict, pairs_per_step: int, aggregation: str | None
                  "or more pairs per step")
     return out
 
-
-def pooled_cosine(records: list[dict], dim_key: str = "dim") -> float | None:
-    """Signal cosine pooled over step records (mean ||u||^2 and mean mu^2)."""
-    recs = [r for r in records if "u_sq_norm" in r and r.get("n_votes", 0) >= 2]
-    if not recs:
-        return None
-    usq = sum(r["u_sq_norm"] for r in recs) / len(recs)
-    mu2 = sum(r["signal_mu2"] for r in recs) / len(recs)
-    n = sum(r["n_votes"] for r in recs) / len(recs)
-    return signal_cosine(usq, max(2, round(n)), recs[0].get(dim_key, 1), mu2=mu2) if math.isfinite(usq) else None

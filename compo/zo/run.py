@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
+import torch
 from safetensors.torch import save_file
 
 from compo import faults
-import torch
-
 from compo.logprobs import PairScores, score_pairs
 from compo.split import margins_of, noisy_mask
+from compo.zo.track import first_steps
 
 
 def select_noisy(ws, split) -> list[int]:
@@ -89,12 +89,12 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     t0 = time.time()
     trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
     total = trainer.total_steps(len(idx))
-    schedule = {i for t in range(total) for i in trainer.pairs_for_step(t, len(idx))}
+    schedule = first_steps(len(idx), total, trainer.pairs_for_step)  # the pairs stage 2 trains
     if cfg.zo.track_pairs:
         from compo.zo.track import PairTracker, tracked_indices
 
         tracker = PairTracker(ws.model, noisy_items, [split.rows[i] for i in idx], ws.pad_id,
-                              tracked_indices(len(idx), total, cfg.zo.track_pairs, trainer.pairs_for_step))
+                              tracked_indices(schedule, len(idx), cfg.zo.track_pairs))
         tracker.start(trainer.w)
         trainer.extras.append(tracker)
     try:

@@ -12,13 +12,18 @@ import torch
 from compo.zo.head import capture, head_logps
 
 
-def tracked_indices(n: int, total: int, k: int, pairs_for_step: Callable[[int, int], list[int]]) -> dict[int, int | None]:
-    """{pair index: first step (1-based) that trains it, or None}: ceil(k/2) pairs trained first,
-    then untrained pairs, topped up with the last-trained ones."""
+def first_steps(n: int, total: int, pairs_for_step: Callable[[int, int], list[int]]) -> dict[int, int]:
+    """{pair index: the first step (1-based) of the schedule that trains it}, trained pairs only."""
     first: dict[int, int] = {}
     for t in range(total):
         for i in pairs_for_step(t, n):
             first.setdefault(i, t + 1)
+    return first
+
+
+def tracked_indices(first: dict[int, int], n: int, k: int) -> dict[int, int | None]:
+    """{pair index: first step that trains it, or None}: ceil(k/2) pairs trained first, then
+    untrained pairs, topped up with the last-trained ones (``first``: see :func:`first_steps`)."""
     trained = sorted(first, key=first.get)
     untrained = [i for i in range(n) if i not in first]
     pick = trained[: math.ceil(k / 2)]

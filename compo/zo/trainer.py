@@ -186,12 +186,11 @@ class ZOTrainer:
         frac = n_minus / cfg.m
         self.last_u = u
         u_sq = float(torch.linalg.vector_norm(u, dtype=torch.float64) ** 2)
+        n_votes, dim, sphere = int((votes != 0).sum()), v * width, cfg.distribution == "sphere"
         rec: dict = {"stage": "stage2", "step": t + 1, "n_minus": n_minus, "frac_minus": frac,
-                     "n_abstain": int((votes == 0).sum()),
-                     "signal_cos": signal_cosine(u_sq, int((votes != 0).sum()), v * width, cfg.distribution == "sphere"),
-                     "signal_mu2": signal_mu2(u_sq, int((votes != 0).sum()), v * width, cfg.distribution == "sphere"),
-                     "u_sq_norm": u_sq}
-        rec.update(n_votes=int((votes != 0).sum()), dim=v * width)
+                     "n_abstain": cfg.m - n_votes, "signal_cos": signal_cosine(u_sq, n_votes, dim, sphere),
+                     "signal_mu2": signal_mu2(u_sq, n_votes, dim, sphere), "u_sq_norm": u_sq,
+                     "n_votes": n_votes, "dim": dim}
         if cfg.skip_rule == "fixed":
             reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
         else:
