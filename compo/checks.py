@@ -171,22 +171,32 @@ def check_checkpoints(ws) -> None:
         if last is None:
             return
         state = read_json(last / "trainer_state.json", required=("step",))
-        check_step(last / "trainer_state.json", state["step"], 1, _stage1_total(ws), "stage-1")
+        check_step(last / "trainer_state.json", state["step"], 1, _stage1_total(ws, last / "trainer_state.json", state), "stage-1")
         weights = last / "model.safetensors"
         if not weights.exists():
             raise CheckpointError(weights, "missing: the checkpoint is incomplete")
-        _tensor_file(weights, sd_shapes, exact=False)
+        from compo import lora
+
+        if lora.enabled(ws.cfg):  # a LoRA checkpoint holds the adapter tensors alone
+            _tensor_file(weights, lora.adapter_shapes(ws.model, ws.cfg.stage1.peft))
+        else:
+            _tensor_file(weights, sd_shapes, exact=False)
         for f in sorted(last.iterdir()):  # optimizer, scheduler, RNG states: torch.save zip archives
             if f.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(f):
                 raise CheckpointError(f, "not a complete torch.save archive; the checkpoint is damaged")
 
 
-def _stage1_total(ws) -> int | None:
-    """Stage 1's optimizer steps for paired losses on the saved split (None: not known yet)."""
+def _stage1_total(ws, path: Path, state: dict) -> int | None:
+    """Stage 1's optimizer steps for paired losses on the saved split (None: not known yet), at
+    the checkpoint's global batch, which this number of processes must be able to share."""
     from compo.dist import world_info
     from compo.stage1 import PAIRED_LOSSES, step_schedule
+    from compo.stage1_dist import check_rows, rows_per_step
 
+    world = world_info()[0]
+    rows = rows_per_step(ws.cfg, world, state)
+    check_rows(path, rows, ws.cfg.stage1.batch_size, world)
     if ws.saved_split is None or ws.cfg.stage1.loss not in PAIRED_LOSSES:
         return None
     n = sum(ws.cfg.stage1.train_on == "all" or not r["noisy"] for r in ws.saved_split)
-    return step_schedule(n, ws.cfg, world_info()[0])[1]
+    return step_schedule(n, ws.cfg, world, rows)[1]

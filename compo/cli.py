@@ -9,13 +9,15 @@ import traceback
 
 from compo.config import RunConfig, dump_config, load_config, reference_table
 from compo.errors import EXIT_INTERNAL, CompoError, Paused, one_line
+from compo import progress
 
+OUTPUT = ("report_to", "logging")  # trackers and console progress: every command that trains
 SECTIONS = {
-    "split": ("seed", "run_dir", "model", "data", "split"),
-    "train": ("seed", "run_dir", "model", "data", "split", "stage1"),
-    "zo": ("seed", "run_dir", "model", "data", "split", "zo"),
-    "pipeline": ("seed", "run_dir", "model", "data", "split", "stage1", "zo", "eval"),
-    "eval": ("seed", "run_dir", "model", "data", "eval"),
+    "split": ("seed", "run_dir", "model", "data", "split") + OUTPUT,
+    "train": ("seed", "run_dir", "model", "data", "split", "stage1") + OUTPUT,
+    "zo": ("seed", "run_dir", "model", "data", "split", "zo") + OUTPUT,
+    "pipeline": ("seed", "run_dir", "model", "data", "split", "stage1", "zo", "eval") + OUTPUT,
+    "eval": ("seed", "run_dir", "model", "data", "eval", "logging"),
 }
 
 DESCRIPTIONS = {
@@ -47,6 +49,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-resume", action="store_true",
                    help="--resume even though the config, data or model differ (recorded in summary.json).")
     p.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
+    _verbosity(p)
+
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="Print only warnings, errors and the final line (no progress, no tables).")
+    g.add_argument("--verbose", "-v", action="store_true",
+                   help="Also a progress line per step off a terminal, and the Hugging Face libraries' own bars on one.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--list", action="store_true", help="List every config key with its default and description.")
+    p.add_argument("--from-trl", metavar="FILE", help="Convert a TRL DPOConfig/KTOConfig/BCOConfig YAML or JSON "
+                   "(TrainingArguments keys included) into a compo config (see docs/from_trl.md); --set applies on top.")
+    p.add_argument("--trl-trainer", choices=("dpo", "kto", "bco"),
+                   help="The TRL trainer the --from-trl file configures (default: from its keys, else dpo).")
+    p.add_argument("--output", "-o", metavar="OUT", help="With --from-trl: write the compo YAML here instead of stdout.")
     p = sub.add_parser("study", help="Sweep noise rates x methods x seeds; writes study.csv, study.md and plots.",
                        description="Sweep injected noise rates x methods x seeds over one base run config, sharing "
                                    "reference scoring and stage-1 runs; rerun to resume. Writes study.csv, study.md "
@@ -79,32 +95,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Override a run-config key in every cell (repeatable).")
     p.add_argument("--study-dir", metavar="DIR", help="Study directory (overrides study_dir).")
     p.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
+    _verbosity(p)
     return parser
 
 
+def resolve_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set items, with --run-dir as one more."""
+    return list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+
+
 def resolve(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, resolve_overrides(args))
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
     from compo import pipeline as pl
 
+    from compo.summary_table import final_line
+
     resume = args.resume or args.force_resume
     if args.command == "pipeline":
-        pl.run_pipeline(cfg, resume=resume, force_resume=args.force_resume)
+        summary = pl.run_pipeline(cfg, resume=resume, force_resume=args.force_resume)
+        progress.result(final_line("pipeline", summary))
         return
     if args.command == "eval":
         from compo.eval_cmd import run_eval
 
-        run_eval(cfg)
+        progress.configure(cfg.logging.progress_steps, cfg.logging.progress_seconds)
+        progress.library_bars()
+        res = run_eval(cfg)
+        acc = res["metrics"].get("accuracy")
+        progress.result(f"compo eval: done, {res['model']} on {res['n_pairs']} held-out pairs"
+                        + (f"; accuracy {acc['value']:.4f} [{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]" if acc else ""))
         return
     ws = pl.open_workspace(cfg, args.command, resume, args.force_resume)
     try:
         if args.command == "split":
             pl.run_split(ws)
+            progress.result(final_line("split", ws.run.summary()))
             return
         split = pl.run_split(ws) if ws.kind == "paired" else None
         if args.command == "train":
@@ -120,6 +148,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
             else:
                 run_stage2(ws, split, resume=resume)
         pl.print_summary(ws.run.summary())
+        progress.result(final_line(args.command, ws.run.summary()))
     finally:
         ws.close()
 
@@ -147,11 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    progress.set_verbosity(progress.QUIET if args.quiet else progress.VERBOSE if args.verbose else progress.NORMAL)
     try:
         if args.command == "study":
-            from compo.study import run_study
+            from compo.study import Runner, load_study
+            from compo.tracking import check
 
-            run_study(args.config, args.overrides, args.study_dir)
+            study, cells = load_study(args.config, args.overrides, args.study_dir)
+            for cell in cells.values():  # a missing tracker package fails before the first cell
+                check(cell)
+            Runner(study, cells, progress.say).run()
+            progress.result(f"compo study: done, {len(cells)} cells; results in {study.study_dir}/study.md")
+            return 0
+        if args.command == "config" and (args.from_trl or args.output or args.trl_trainer):
+            from compo import from_trl
+
+            from_trl.main(args.from_trl, args.trl_trainer, resolve_overrides(args), args.output, args.config, args.list)
             return 0
         cfg = resolve(args)
         if args.command == "config":

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compo.errors import UserError, one_line
 
 SECRET_MARKERS = ("api_key", "secret", "password", "token_value", "auth")
+#: ``report_to`` names: accelerate's tracker types (each needs its own package, see compo/tracking.py).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 class _Section(BaseModel):
@@ -105,6 +107,23 @@ class BCOConfig(_Section):
     udm_clip_max: float = Field(10.0, gt=0, description="Upper clip of the UDM weights.")
 
 
+class PeftConfig(_Section):
+    """LoRA adapters for stage 1 (the `peft` extra); the output layer is never a target (stage 2 perturbs it)."""
+
+    enabled: bool = Field(True, description="Train LoRA adapters instead of the whole model (stage1.peft: null is off too).")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the adapter's update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: str | list[str] = Field("all-linear", description="all-linear (every linear layer but the head), module names (q_proj, ...) or a regex of full names.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: str | list[str]) -> str | list[str]:
+        if not v or any(not n.strip() for n in ([v] if isinstance(v, str) else v)):
+            raise ValueError("must name at least one module (or be all-linear)")
+        return v
+
+
 class Stage1Config(_Section):
     enabled: bool = Field(True, description="Run stage 1 in `compo pipeline`.")
     loss: Literal["dpo", "ipo", "hinge", "robust", "kto", "bco"] = Field("dpo", description="Stage-1 loss.")
@@ -119,11 +138,14 @@ class Stage1Config(_Section):
     batch_size: int = Field(8, gt=0, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    group_by_length: bool = Field(False, description="Put rows of similar length in the same steps (windows of 32 steps sorted by length, steps shuffled): less padding, another row order.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (accelerate).")
     logging_steps: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0 = only at the end).")
     kto: KTOConfig = Field(default_factory=KTOConfig, description="KTO options.")
     bco: BCOConfig = Field(default_factory=BCOConfig, description="BCO options.")
+    peft: Optional[PeftConfig] = Field(None, description="LoRA adapters instead of full training (e.g. {r: 16}); None = full training.")
 
 
 class OracleConfig(_Section):
@@ -139,12 +161,14 @@ class ZOConfig(_Section):
     radius: float = Field(5e-4, gt=0, description="Perturbation scale r (paper: 5e-4 Mistral, 7.5e-4 Llama/Gemma).")
     distribution: Literal["gaussian", "sphere"] = Field("gaussian", description="gaussian: z ~ N(0, r^2) per entry (code); sphere: r times a unit vector (paper Alg. 1).")
     estimator: Literal["full", "projected"] = Field("full", description="full: z over all V x H entries; projected: z restricted to span of the scored hidden states (likelihood oracles only).")
+    projected_blocks: int = Field(4, gt=0, description="Row bands of the projected estimator's triangular matmul (1 = one dense matmul; results agree to rounding).")
     sparsity: Literal["absolute", "top_fraction"] = Field("absolute", description="Keep |g_j| >= lambda_g (paper), or the top rho fraction by magnitude.")
     lambda_g: float = Field(2.2e-4, ge=0, description="Absolute sparsity threshold (paper: 2.2e-4 Mistral, 8e-5 Llama/Gemma).")
     rho: float = Field(0.01, gt=0, le=1, description="Fraction of entries kept by the top_fraction rule.")
     skip_rule: Literal["fixed", "binomial"] = Field("fixed", description="fixed: skip when N-/m < skip_threshold (paper); binomial: skip unless the votes agree with each other significantly more than chance.")
     skip_threshold: float = Field(0.2, ge=0, le=1, description="lambda: skip the step when N-/m is below it (paper: 0.2).")
     skip_alpha: float = Field(0.05, gt=0, lt=1, description="Level of the binomial skip rule (the share of pure-noise steps it takes).")
+    agreement_stats: bool = Field(False, description="Log every step's share of votes agreeing with the rest (1/2 without signal); one more pass over the perturbations, always on under skip_rule binomial.")
     gamma: float = Field(0.035, gt=0, description="Step size (official code: 0.035).")
     acceptance_check: bool = Field(False, description="Ask the (acceptance) oracle whether the proposed head beats the old one; skip if not (code only).")
     pairs_per_step: int = Field(1, gt=0, description="Noisy pairs per step (paper and code: 1).")
@@ -186,6 +210,23 @@ class EvalConfig(_Section):
         return self
 
 
+class LoggingConfig(_Section):
+    """Console progress and experiment trackers (see docs/tracking.md)."""
+
+    progress_steps: int = Field(0, ge=0, description="Off a terminal: a progress line every N steps (0 = by time alone).")
+    progress_seconds: float = Field(30.0, ge=0, description="Off a terminal: a progress line when this many seconds passed since the last (0 = by steps alone).")
+    project: str = Field("compo", min_length=1, description="Tracker project name (wandb, mlflow, comet_ml, ...).")
+    tracker_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Keyword arguments per tracker, e.g. {wandb: {entity: me, tags: [a]}}.")
+
+    @field_validator("tracker_options")
+    @classmethod
+    def _known(cls, v: dict) -> dict:
+        bad = [k for k in v if k not in TRACKERS]
+        if bad:
+            raise ValueError(f"unknown tracker {bad[0]!r}; allowed: {', '.join(TRACKERS)}")
+        return v
+
+
 class RunConfig(_Section):
     seed: int = Field(0, description="Seed of everything: data shuffles, model init, perturbations.")
     run_dir: str = Field("runs/default", description="Directory all artifacts are written to.")
@@ -195,6 +236,17 @@ class RunConfig(_Section):
     stage1: Stage1Config = Field(default_factory=Stage1Config, description="Stage 1: gradient training on clean pairs.")
     zo: ZOConfig = Field(default_factory=ZOConfig, description="Stage 2: ComPO on noisy pairs.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    report_to: list[str] = Field(default_factory=list, description=f"Experiment trackers for stage metrics and the config: {', '.join(TRACKERS)}; [] = none.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Console progress and tracker options.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        v = [] if v in (None, "none") else [v] if isinstance(v, str) else v
+        for name in v if isinstance(v, list) else ():
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r}; allowed: {', '.join(TRACKERS)}")
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -19,7 +19,7 @@ from compo.dist import world_info
 from compo.evaluate import bootstrap_means, paired_differences, with_intervals
 from compo.logprobs import PairScores, score_pairs
 from compo.rows import PairRow
-from compo.rundir import atomic_write_json, read_json, write_jsonl
+from compo.rundir import atomic_write_json, is_writer, read_json, write_jsonl
 from compo.noise import PairNoise, apply_to_pairs, label_quality, pair_noise, swap_pairs
 from compo.split import calibration, calibration_text, histogram, margins_of, noisy_mask, summarize
 from compo.workspace import Workspace, load_data, say, stage_marker  # noqa: F401 - re-exported
@@ -28,8 +28,30 @@ from compo.workspace import open_workspace as _open
 
 def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = False,
                    force_resume: bool = False) -> Workspace:
-    """Validate everything ``command`` will use, load the model (see compo/workspace.py)."""
-    return _open(cfg, command, resume, force_resume)
+    """Validate everything ``command`` will use, load the model (see compo/workspace.py); start
+    the ``report_to`` trackers (their packages are checked first, before any work). Under
+    torchrun this process joins the process group first (docs/scaling.md)."""
+    from compo import progress, tracking
+    from compo.dist import init_distributed, leave_distributed
+    from compo.models import check_device
+
+    tracking.check(cfg)
+    progress.configure(cfg.logging.progress_steps, cfg.logging.progress_seconds)
+    progress.library_bars()
+    owns = init_distributed(check_device(cfg.model.device))
+    try:
+        ws = _open(cfg, command, resume, force_resume)
+    except BaseException:
+        if owns:
+            leave_distributed()
+        raise
+    ws.owns_group = owns
+    try:
+        tracking.attach(ws.run, cfg, cpu=next(ws.model.parameters()).device.type == "cpu")
+    except BaseException:
+        ws.close()
+        raise
+    return ws
 
 
 def _prompt_json(prompt):
@@ -137,7 +159,8 @@ def run_split(ws: Workspace) -> SplitResult:
         from compo.models import load_pretrained
 
         ref_model, _ = load_pretrained(cfg.split.reference, cfg)
-    scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs")
+    scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs",
+                         distributed=True)  # under torchrun: each process scores a share, all get every score
     if ref_model is not ws.model:
         del ref_model
     # a flip swaps a pair's two log-probs: |margin| and finiteness are the same before and after it
@@ -161,17 +184,8 @@ def run_split(ws: Workspace) -> SplitResult:
         say("split calibration (pairs marked noisy):\n" + calibration_text(table))
         raise UserError("split.delta", f"no pair is noisy ({how}), so stage 2 has nothing to train on: raise "
                         "split.delta, use split.rule=quantile or split.margin=mean, or zo.enabled=false")
-    fingerprint.record(run, "split", None)
-    write_jsonl(run.split, (
-        {"prompt": _prompt_json(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
-         "logp_chosen": float(scores.chosen[i]), "logp_rejected": float(scores.rejected[i]),
-         "chosen_tokens": int(scores.chosen_tokens[i]), "rejected_tokens": int(scores.rejected_tokens[i]),
-         "margin": float(kinds["sum"][i]), "margin_mean": float(kinds["mean"][i]), "noisy": bool(noisy[i]),
-         "label_flipped": bool(r.meta.get("label_flipped", False)),
-         **({"ambiguous": bool(r.meta["ambiguous"])} if "ambiguous" in r.meta else {}), "source": r.source}
-        for i, r in enumerate(rows)
-    ))
-    fingerprint.record(run, "split", ws.fingerprints.get("split") or fingerprint.current(cfg, "split"))
+    if is_writer():
+        _write_split(ws, rows, scores, kinds, noisy)
     stats = summarize(margins, noisy)
     stats.update(margin=cfg.split.margin, n_dropped_long_prompt=enc.n_dropped, n_truncated=enc.n_truncated,
                  calibration=table)
@@ -193,6 +207,22 @@ def run_split(ws: Workspace) -> SplitResult:
     return SplitResult(rows, enc, scores, noisy)
 
 
+def _write_split(ws: Workspace, rows: list[PairRow], scores: PairScores, kinds: dict, noisy: torch.Tensor) -> None:
+    """split.jsonl, between forgetting and recording the split's fingerprint (rank 0 only)."""
+    run = ws.run
+    fingerprint.record(run, "split", None)
+    write_jsonl(run.split, (
+        {"prompt": _prompt_json(r.prompt), "chosen": r.chosen, "rejected": r.rejected,
+         "logp_chosen": float(scores.chosen[i]), "logp_rejected": float(scores.rejected[i]),
+         "chosen_tokens": int(scores.chosen_tokens[i]), "rejected_tokens": int(scores.rejected_tokens[i]),
+         "margin": float(kinds["sum"][i]), "margin_mean": float(kinds["mean"][i]), "noisy": bool(noisy[i]),
+         "label_flipped": bool(r.meta.get("label_flipped", False)),
+         **({"ambiguous": bool(r.meta["ambiguous"])} if "ambiguous" in r.meta else {}), "source": r.source}
+        for i, r in enumerate(rows)
+    ))
+    fingerprint.record(run, "split", ws.fingerprints.get("split") or fingerprint.current(ws.cfg, "split"))
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -205,7 +235,7 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     from compo.stage1 import PAIRED_LOSSES, Stage1Data, paired_objective, train_stage1
 
     cfg = ws.cfg
-    if not (resume and (ws.run.checkpoints / "stage1").exists()):  # a fresh stage 1: stage 2's old state is void
+    if not (resume and (ws.run.checkpoints / "stage1").exists()) and is_writer():  # a fresh stage 1: stage 2's old state is void
         fingerprint.record(ws.run, "stage1", ws.fingerprints.get("stage1") or fingerprint.current(cfg, "stage1"))
         ws.run.drop_checkpoints("zo")
     if cfg.stage1.loss not in PAIRED_LOSSES:
@@ -220,12 +250,19 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     items = [split.encoded.items[i] for i in idx]
     ref = torch.stack([split.scores.chosen[idx], split.scores.rejected[idx]], dim=1)
     if cfg.split.reference:
-        ref_scores = score_pairs(ws.model, items, ws.pad_id, cfg.split.batch_size, desc="policy-reference log-probs")
+        ref_scores = score_pairs(ws.model, items, ws.pad_id, cfg.split.batch_size, desc="policy-reference log-probs",
+                                 distributed=True)
         ref = torch.stack([ref_scores.chosen, ref_scores.rejected], dim=1)
     say(f"stage1: {cfg.stage1.loss} on {len(items)} {cfg.stage1.train_on} pairs")
     t0 = time.time()
     final = train_stage1(ws.model, ws.tokenizer, Stage1Data(items, ref), cfg, ws.run,
                          paired_objective(cfg, ws.pad_id), resume=resume)
+    from compo.stage1_dist import trained_in_shards
+
+    if trained_in_shards():  # FSDP / ZeRO-3 left the in-memory model in shards: go on with model/
+        from compo.models import load_pretrained
+
+        ws.model, _ = load_pretrained(str(ws.run.model), cfg)
     final["wall_s"] = round(time.time() - t0, 2)
     if ws.forced.get("stage1"):
         final["forced_resume"] = ws.forced["stage1"]
@@ -262,7 +299,8 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
     if scores is not None:
         say(f"eval {label}: reusing the held-out scores in {ws.run.eval_scores}")
     else:
-        scores = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, desc=f"eval {label}".strip())
+        scores = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, desc=f"eval {label}".strip(),
+                             distributed=True)
     out = with_intervals(scores, ref, cfg.stage1.beta, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
     out["n_pairs"], out["n_dropped"] = len(enc.items), enc.n_dropped
     if label and world_info()[1] == 0:
@@ -290,8 +328,25 @@ def run_pipeline(cfg: RunConfig, resume: bool = False, force_resume: bool = Fals
     ws = open_workspace(cfg, "pipeline", resume, force_resume)
     try:
         return _pipeline(ws, t0)
+    except BaseException:  # a paused or failed session's time still counts toward a --resume's wall_s
+        if world_info()[1] == 0:
+            try:
+                ws.run.update_summary(**session_wall(ws, t0))
+            except Exception:  # noqa: BLE001 - never hide the error that ended the run
+                pass
+        raise
     finally:
         ws.close()
+
+
+def session_wall(ws: Workspace, t0: float) -> dict:
+    """``wall_s`` over the run's sessions: ``--resume`` keeps the earlier sessions' seconds
+    (``wall_s_sessions``, one per invocation that ended: finished, paused or failed) and adds this
+    one's; a run without ``--resume`` starts the list anew."""
+    prior = ws.run.summary() if ws.resume else {}
+    sessions = list(prior.get("wall_s_sessions") or ([prior["wall_s"]] if "wall_s" in prior else []))
+    sessions.append(round(time.time() - t0, 2))
+    return {"wall_s": round(sum(sessions), 2), "wall_s_sessions": sessions}
 
 
 def _resume_finished(ws: Workspace) -> str | None:
@@ -341,8 +396,11 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
         say(f"eval after stage2: {_fmt(evals['stage2'])}")
         if s1 is not None and s2 is not None:
             evals["stage2_effect"] = paired_effect(s1, s2, ref_eval, cfg)
+    from compo.tracking import log_eval
+
+    log_eval(ws.run, evals)
     extra = {"forced_resume": ws.forced} if ws.forced else {}
-    summary = ws.run.update_summary(eval=evals, wall_s=round(time.time() - t0, 2), **extra)
+    summary = ws.run.update_summary(eval=evals, **session_wall(ws, t0), **extra)
     print_summary(summary)
     return summary
 
@@ -358,37 +416,7 @@ def paired_effect(before: PairScores, after: PairScores, ref: PairScores, cfg: R
 
 
 def print_summary(summary: dict) -> None:
-    say("=" * 60)
-    say("run summary" + (f"  (wall {summary['wall_s']:.1f} s)" if "wall_s" in summary else ""))
-    if "n_pairs" in summary:
-        say(f"  pairs: {summary['n_pairs']}  clean: {summary['n_clean']}  noisy: {summary['n_noisy']}")
-    if "stage1" in summary:
-        s = summary["stage1"]
-        keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "kl", "delta")
-        say("  stage1 final: " + ", ".join(f"{k}={s[k]:.4f}" for k in keys if k in s))
-    if "stage2" in summary:
-        s = summary["stage2"]
-        if "stopped" in s:
-            say(f"  stage2: stopped: {s['stopped']}")
-        else:
-            say(f"  stage2: {s.get('steps')} steps, {s.get('steps_taken')} taken, {s.get('steps_skipped')} skipped "
-                f"{s.get('skip_reasons') or ''}; mean N-/m {_g(s.get('mean_frac_minus'))}, mean signal cosine "
-                f"{_g(s.get('mean_signal_cos'))}, energy kept by sparsity {_g(s.get('mean_energy_kept'))}")
-            for part in ("noisy_trained", "noisy_untrained"):
-                if f"{part}/shift_chosen" in s:
-                    say(f"  stage2 log-prob shift on {s.get(part + '/n')} {part.replace('_', ' ')} pairs: chosen "
-                        f"{_g(s[part + '/shift_chosen'])}, rejected {_g(s[part + '/shift_rejected'])}")
-        for w in s.get("warnings", []):
-            say(f"  warning: {w}")
-    for name, m in summary.get("eval", {}).items():
-        if m and name != "stage2_effect":
-            say(f"  held-out after {name:9s}: {_fmt(m)}")
-    eff = summary.get("eval", {}).get("stage2_effect")
-    if eff:
-        say(f"  stage 2's own effect on the same held-out pairs (paired bootstrap): {_fmt(eff, ('accuracy', 'shift/chosen', 'shift/rejected'))}")
-    say("=" * 60)
+    """summary.json as aligned tables (see compo/summary_table.py)."""
+    from compo.summary_table import summary_lines
 
-
-def _g(x) -> str:
-    return "n/a" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+    say("\n".join(summary_lines(summary)))

@@ -3,9 +3,8 @@ and per-pair log-prob trajectories during stage 2. Each function writes one PNG 
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -41,20 +40,16 @@ def _finite(values: Iterable[Any]) -> list[float]:
 
 
 def _save(fig: Figure, out: Path) -> Path:
-    """Write `fig` to `out` as PNG via a temp file in the same directory, then close it."""
+    """Write `fig` to `out` as PNG atomically (temp file + rename, the user's umask), then close it."""
+    from compo.rundir import atomic_write_bytes
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    buf = io.BytesIO()
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 

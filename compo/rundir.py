@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -34,10 +35,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_by_setting()  # import time is single-threaded: setting and restoring is safe then
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc/self/status), so a file another
+    thread creates meanwhile never gets a wrong mode; elsewhere the umask compo was imported with.
+    A temp file (mkstemp: 0600, mkdtemp: 0700) is given ``0o666 & ~umask`` (``0o777`` for a
+    directory) before it is renamed, the mode an ordinary ``open`` would have given it."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -102,6 +121,19 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
     return rows
 
 
+def _umask_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes an ordinary ``open`` / ``mkdir`` would have:
+    ``mkdtemp`` makes ``root`` 0700, and some writers (safetensors) create their files 0600.
+    Executable bits a writer set are kept (as far as the umask allows)."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        mode = stat.S_IMODE(p.stat().st_mode)
+        os.chmod(p, (0o777 if p.is_dir() else 0o666 | (mode & 0o111)) & ~mask)
+
+
 def atomic_save_dir(target: str | Path, save: Callable[[Path], Any]) -> None:
     """Call ``save(tmp_dir)`` then swap the directory into place, so ``target`` is always whole.
 
@@ -113,19 +145,59 @@ def atomic_save_dir(target: str | Path, save: Callable[[Path], Any]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX))
     try:
         save(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = target.with_name(f".{target.name}{OLD_SUFFIX}")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        from compo import faults
-
-        faults.point(f"swap.{target.name}")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(target: Path, tmp: Path) -> None:
+    _umask_modes(tmp)
+    old = target.with_name(f".{target.name}{OLD_SUFFIX}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    from compo import faults
+
+    faults.point(f"swap.{target.name}")
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_save_dir_all(target: str | Path, save: Callable[[Path], Any]) -> None:
+    """:func:`atomic_save_dir` for a directory every process writes into (accelerate's
+    ``save_state``: sharded model and optimizer states, one RNG file per process). Rank 0 makes
+    the temp directory (its name is broadcast) and swaps it in once every process has written;
+    the run directory must be on a file system all processes share."""
+    from compo.dist import barrier, broadcast_object, world_info
+
+    world, rank = world_info()
+    if world == 1:
+        atomic_save_dir(target, save)
+        return
+    target = Path(target)
+    tmp = None
+    if rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
+    tmp = Path(broadcast_object(tmp))
+    try:
+        save(tmp)
+        barrier()
+        if rank == 0:
+            _swap_in(target, tmp)
+        barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run directory: rank 0 of torch.distributed (or the only one)."""
+    from compo.dist import world_info
+
+    return world_info()[1] == 0
 
 
 def clean_dir_leftovers(folder: Path, restore_only: bool = False) -> list[str]:
@@ -161,6 +233,7 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.trackers = None  # compo.tracking.Trackers while a command reports to trackers (report_to)
 
     config = property(lambda self: self.root / "config.yaml")
     split = property(lambda self: self.root / "split.jsonl")
@@ -173,11 +246,17 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
 
     def log(self, record: dict) -> None:
-        """Append one metrics record (one JSON object per line, flushed)."""
+        """Append one metrics record (one JSON object per line, flushed); trackers get it too.
+        The methods that write (this, summary, metrics, checkpoints, leftovers) do nothing on a
+        process other than rank 0 (see :func:`is_writer`)."""
+        if not is_writer():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def summary(self) -> dict:
         return read_json(self.summary_path) if self.summary_path.exists() else {}
@@ -186,13 +265,14 @@ class RunDir:
         """Merge ``fields`` into summary.json; a non-finite number is written as null, never NaN."""
         s = self.summary()
         s.update(fields)
-        atomic_write_json(self.summary_path, _finite_or_null(s))
+        if is_writer():
+            atomic_write_json(self.summary_path, _finite_or_null(s))
         return s
 
     def truncate_metrics(self, stage: str, upto_step: int) -> int:
         """Keep the records of earlier stages and of ``stage`` up to ``upto_step``; drop the rest
         (a resumed stage then logs each step exactly once). Returns the number dropped."""
-        if not self.metrics.exists():
+        if not is_writer() or not self.metrics.exists():
             return 0
         order = STAGE_ORDER[stage]
         rows = read_jsonl(self.metrics)
@@ -204,6 +284,8 @@ class RunDir:
 
     def drop_checkpoints(self, name: str) -> None:
         """Remove a finished stage's checkpoints (and checkpoints/ when nothing is left in it)."""
+        if not is_writer():
+            return
         shutil.rmtree(self.checkpoints / name, ignore_errors=True)
         try:
             self.checkpoints.rmdir()
@@ -216,6 +298,8 @@ class RunDir:
         ``restore_only``: just roll back interrupted directory swaps (done before the run dir is
         read, so what it holds is what the last finished write left)."""
         done = []
+        if not is_writer():
+            return done
         for folder in (self.root, self.checkpoints, self.checkpoints / "stage1"):
             done += clean_dir_leftovers(folder, restore_only)
         return done

@@ -7,25 +7,26 @@ TRL's names and go to ``metrics.jsonl`` and the console.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from compo import faults
+from compo import faults, lora
+from compo import stage1_dist as sd
 from compo.config import RunConfig
 from compo.errors import CheckpointError, Diverged
 from compo.encode import Encoded, collate
 from compo.logprobs import sequence_logps
-from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, describe_exc, read_json
+from compo.progress import bar as progress_bar, say
+from compo.rundir import RunDir, atomic_save_dir, atomic_save_dir_all, atomic_write_json, describe_exc, read_json
 
+GROUP_WINDOW = 32  # steps whose rows stage1.group_by_length sorts together
 PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
 
 
@@ -73,25 +74,47 @@ def _as_float(v) -> float:
     return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
 
-def step_schedule(n_rows: int, cfg: RunConfig, world: int) -> tuple[int, int]:
-    """(rows per optimizer step across processes, total optimizer steps)."""
-    per_step = cfg.stage1.batch_size * cfg.stage1.grad_accum * world
+def step_schedule(n_rows: int, cfg: RunConfig, world: int, rows_per_step: int | None = None) -> tuple[int, int]:
+    """(rows per optimizer step across processes, total optimizer steps); ``rows_per_step``: a
+    resumed checkpoint's global batch (see compo.stage1_dist)."""
+    per_step = rows_per_step or cfg.stage1.batch_size * cfg.stage1.grad_accum * world
     steps_per_epoch = max(1, math.ceil(n_rows / per_step))
     total = cfg.stage1.max_steps or cfg.stage1.epochs * steps_per_epoch
     return per_step, total
 
 
-def step_rows(step: int, n_rows: int, per_step: int, seed: int) -> list[int]:
+def step_rows(step: int, n_rows: int, per_step: int, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
     """Row indices of one optimizer step: a seeded permutation per epoch.
 
     Every step has exactly ``per_step`` rows (so every process runs the same number of
     micro-batches); the last step of an epoch is topped up from the start of its order.
+    ``lengths`` (tokens per row) groups rows of similar length into the same steps.
     """
     steps_per_epoch = max(1, math.ceil(n_rows / per_step))
     epoch, k = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+    gen = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n_rows, generator=gen)
+    if lengths is not None:
+        perm = _grouped(perm, lengths, per_step, gen)
     idx = torch.arange(k * per_step, (k + 1) * per_step) % n_rows
     return perm[idx].tolist()
+
+
+def _grouped(perm: torch.Tensor, lengths: Sequence[int], per_step: int, gen: torch.Generator,
+             window_steps: int = GROUP_WINDOW) -> torch.Tensor:
+    """The epoch order with each window of ``window_steps`` steps sorted by length (so a step's
+    rows pad to about the same width), then the window's steps shuffled (seeded)."""
+    out = []
+    size = per_step * window_steps
+    for a in range(0, len(perm), size):
+        win = perm[a : a + size]
+        win = win[torch.tensor([lengths[int(i)] for i in win]).argsort(descending=True, stable=True)]
+        steps = list(win.split(per_step))
+        full = [j for j, st in enumerate(steps) if len(st) == per_step]
+        order = [full[j] for j in torch.randperm(len(full), generator=gen).tolist()] + \
+                [j for j in range(len(steps)) if j not in full]
+        out += [steps[j] for j in order]
+    return torch.cat(out)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -116,28 +139,44 @@ def train_stage1(
     model, tokenizer, data: Stage1Data, cfg: RunConfig, run: RunDir, objective: Callable,
     resume: bool = False, hooks: dict | None = None, progress: bool = True,
 ) -> dict:
-    """Train ``model`` in place; save it to ``run.model``; return the last step's metrics."""
+    """Train ``model`` in place (with ``stage1.peft``: LoRA adapters, merged into it at the end, see
+    compo.lora); save it to ``run.model``; return the last step's metrics."""
     hooks = hooks or {}
     s1 = cfg.stage1
     device = next(model.parameters()).device
     accelerator = Accelerator(mixed_precision=s1.mixed_precision, cpu=device.type == "cpu")
     set_seed(cfg.seed)
+    if s1.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled(cfg):
+        model = lora.wrap(model, s1.peft, say)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s1.learning_rate, weight_decay=s1.weight_decay)
-    per_step, total = step_schedule(len(data.items), cfg, accelerator.num_processes)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=s1.learning_rate, weight_decay=s1.weight_decay)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    ckpt_root = run.checkpoints / "stage1"
+    last = latest_checkpoint(ckpt_root) if resume else None
+    state = read_json(last / "trainer_state.json", required=("step",)) if last is not None else None
+    per_step, total = step_schedule(len(data.items), cfg, world, sd.rows_per_step(cfg, world, state))
+    sd.prepare_accumulation(accelerator, s1, sd.check_rows(last / "trainer_state.json" if last else run.checkpoints,
+                                                           per_step, s1.batch_size, world))
     warmup = int(s1.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: min(1.0, (t + 1) / warmup) if warmup else 1.0
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    ckpt_root = run.checkpoints / "stage1"
+    if lora.enabled(cfg):
+        lora.register_checkpoint_hooks(accelerator)
+    else:
+        sd.register_plain_weights(accelerator)
     start = 0
     from compo.checks import check_step
 
-    last = latest_checkpoint(ckpt_root) if resume else None
     if last is not None:
-        state = read_json(last / "trainer_state.json", required=("step",))
         start = check_step(last / "trainer_state.json", state["step"], 1, total, "stage-1")
         try:
             accelerator.load_state(str(last))
@@ -145,38 +184,43 @@ def train_stage1(
                 hooks["state"][1](state["objective_state"])
         except Exception as e:  # noqa: BLE001 - damaged optimizer / scheduler / RNG files
             raise CheckpointError(last, f"cannot restore the checkpoint ({describe_exc(e)})") from None
-        accelerator.print(f"stage1: resumed from {last} at step {start}/{total}")
-    elif not resume:
+        say(f"stage1: resumed from {last} at step {start}/{total}" + (
+            f" with {world} process{'es' if world > 1 else ''}, {state.get('world_size')} saved it; {per_step} rows "
+            "per step as before" if state.get("world_size", world) != world else ""))
+    elif not resume and accelerator.is_main_process:
         shutil.rmtree(ckpt_root, ignore_errors=True)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.truncate_metrics("stage1", start)
     metrics: dict = {}
-    bar = tqdm(range(start, total), desc="stage1", disable=not (progress and accelerator.is_main_process))
+    lengths = [len(it.prompt) + max(map(len, it.completions)) for it in data.items] if s1.group_by_length else None
+    bar = progress_bar(range(start, total), "stage1", total=total, initial=start, unit="step",
+                       enabled=progress and accelerator.is_main_process)
     for step in bar:
-        rows = step_rows(step, len(data.items), per_step, cfg.seed)
-        mine = rows[accelerator.process_index :: accelerator.num_processes]
-        micro = [mine[i : i + s1.batch_size] for i in range(0, len(mine), s1.batch_size)]
+        rows = step_rows(step, len(data.items), per_step, cfg.seed, lengths)
+        micro = sd.micro_batches(rows, s1.batch_size, world, rank)  # this process's share (see stage1_dist)
         sums: dict[str, float] = {}
-        for j, mb in enumerate(micro):
-            sync = accelerator.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+        accelerator.step = 0  # accumulation syncs on this step's last micro-batch (whatever a load restored)
+        for j, mb in micro:
+            with accelerator.accumulate(model):  # backward scales by 1/len(micro); DDP averages over processes
+                torch.manual_seed(sd.micro_seed(cfg.seed, step, j))
                 loss, m = objective(model, [data.items[i] for i in mb], data.ref[mb], data, mb)
                 if faults.poisoned("stage1.loss"):
                     loss = loss * float("nan")
                 _check_finite(step + 1, "loss", float(loss.detach()), last)
-                accelerator.backward(loss / len(micro))
+                accelerator.backward(loss)
             for k, v in {"loss": loss, **m}.items():
                 sums[k] = sums.get(k, 0.0) + _as_float(v) / len(micro)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), s1.max_grad_norm)
-        _check_finite(step + 1, "gradient norm", float(grad_norm), last)
+        grad_norm = sd.grad_norm_value(accelerator.clip_grad_norm_(model.parameters(), s1.max_grad_norm))
+        if grad_norm is not None:
+            _check_finite(step + 1, "gradient norm", grad_norm, last)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if "after_step" in hooks:
             hooks["after_step"]()
         keys = sorted(sums)  # objectives must return the same keys on every micro-batch and process
-        reduced = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
-        metrics = {k: float(v) for k, v in zip(keys, reduced.tolist())}
+        metrics = dict(zip(keys, sd.reduce_mean([sums[k] for k in keys], accelerator)))
         metrics.update({"learning_rate": scheduler.get_last_lr()[0], "epoch": (step + 1) * per_step / len(data.items)})
         if accelerator.is_main_process and ((step + 1) % s1.logging_steps == 0 or step + 1 == total):
             run.log({"stage": "stage1", "step": step + 1, **metrics})
@@ -188,26 +232,30 @@ def train_stage1(
         if s1.save_steps and (step + 1) % s1.save_steps == 0 and step + 1 < total:
             if not _params_finite(model):
                 _check_finite(step + 1, "weights", float("nan"), last)
-            _save_checkpoint(accelerator, ckpt_root / f"step-{step + 1}", step + 1, hooks)
+            _save_checkpoint(accelerator, ckpt_root / f"step-{step + 1}", step + 1, hooks, per_step)
             last = ckpt_root / f"step-{step + 1}"
         faults.point("stage1.step")
     accelerator.wait_for_everyone()
+    full = sd.full_state_dict(accelerator, model)  # FSDP / ZeRO-3: gathered on every process
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     if not _params_finite(unwrapped):
         _check_finite(total, "weights", float("nan"), last)
+    unwrapped = lora.finish(unwrapped, cfg, run, accelerator.is_main_process)  # LoRA: adapter saved, merged
     if accelerator.is_main_process:
-        save_model(run.model, unwrapped, tokenizer, "stage1", metrics)
+        save_model(run.model, unwrapped, tokenizer, "stage1", metrics, state_dict=full)
         run.drop_checkpoints("stage1")
+    accelerator.wait_for_everyone()  # model/ is in place before any process reads it
     return metrics
 
 
-def save_model(target: Path, model, tokenizer, stage: str, metrics: dict, extra=None) -> None:
-    """model/ with the stage marker inside it, swapped in as one directory (see compo.workspace)."""
+def save_model(target: Path, model, tokenizer, stage: str, metrics: dict, extra=None, state_dict=None) -> None:
+    """model/ with the stage marker inside it, swapped in as one directory (see compo.workspace);
+    ``state_dict``: the weights to write instead of ``model``'s own (gathered from shards)."""
     from compo.workspace import STAGE_FILE
 
     def save(d: Path) -> None:
-        model.save_pretrained(d)
+        model.save_pretrained(d, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(d)
         if extra is not None:
             extra(d)
@@ -216,13 +264,17 @@ def save_model(target: Path, model, tokenizer, stage: str, metrics: dict, extra=
     atomic_save_dir(target, save)
 
 
-def _save_checkpoint(accelerator: Accelerator, path: Path, step: int, hooks: dict) -> None:
+def _save_checkpoint(accelerator: Accelerator, path: Path, step: int, hooks: dict, per_step: int) -> None:
+    """accelerate's state (every process writes its part) plus trainer_state.json: the step and
+    the global batch, so the checkpoint resumes with another number of processes."""
+
     def save(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
         faults.point("stage1.checkpoint")
-        obj_state = hooks["state"][0]() if "state" in hooks else None
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, "objective_state": obj_state})
+        if accelerator.is_main_process:
+            obj_state = hooks["state"][0]() if "state" in hooks else None
+            atomic_write_json(tmp / "trainer_state.json", {"step": step, "objective_state": obj_state,
+                                                           "rows_per_step": per_step,
+                                                           "world_size": accelerator.num_processes})
 
-    if accelerator.is_main_process:
-        atomic_save_dir(path, save)
-    accelerator.wait_for_everyone()
+    atomic_save_dir_all(path, save)

@@ -67,6 +67,7 @@ from compo.dist import all_reduce_sum
 from compo.encode import Encoded, collate, render_prompt
 from compo.logprobs import score_sequences, sequence_logps
 from compo.losses import RewardShift, bco_loss, bco_rewards, kto_loss, kto_weight_warning
+from compo.progress import say
 from compo.rows import PairRow, UnpairedRow
 
 UNPAIRED_LOSSES = ("kto", "bco")
@@ -79,10 +80,6 @@ EMBEDDER_OVERRIDE: Callable[[list[str]], np.ndarray] | None = None
 
 # metrics whose per-step value is derived from per-class sums and counts (see _derive_means)
 _SUM_KEYS = ("rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "logps/rejected_sum")
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def paired_data_message(loss: str, source: str = "the training data") -> str:

@@ -4,7 +4,8 @@ Order (cheap checks first, nothing written until all pass): run directory, devic
 paths, data (read, normalised and tokenized with the tokenizer alone: zero usable rows is an
 error), what the run directory holds (stage marker, fingerprints, saved split, stage-2
 checkpoint state), the oracles and judges (constructed, so a bad option or a missing API key
-fails here), the model, and checkpoint tensors against it. Only then are temp files of
+fails here), the model, LoRA target modules and checkpoint tensors against it (the `peft`
+package itself is checked before the data). Only then are temp files of
 interrupted writes removed and ``config.yaml`` written: a run that fails validation leaves the
 run directory as it was (interrupted directory swaps alone are rolled back first, so that
 what is read is what the last finished write left).
@@ -12,6 +13,7 @@ what is read is what the last finished write left).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +24,12 @@ from compo import fingerprint
 from compo.config import RunConfig, dump_config
 from compo.encode import EncodeResult, encode_rows, pad_id_of
 from compo.errors import UserError
+from compo.progress import say
 from compo.rows import PairRow
-from compo.rundir import RunDir, atomic_write_text, check_run_dir, read_json
+from compo.dist import barrier, main_first
+from compo.rundir import RunDir, atomic_write_text, check_run_dir, is_writer, read_json
 
 STAGE_FILE = "compo_stage.json"  # inside model/: which stage it holds (swapped in with the weights)
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Workspace:
     fingerprints: dict = field(default_factory=dict)  # stage -> its fingerprint for this config
     stages: list = field(default_factory=list)  # what this command runs
     encoded: EncodeResult | None = None  # the training rows, tokenized
+    owns_group: bool = False  # this command joined torch.distributed (torchrun): close() leaves it
 
     @property
     def pad_id(self) -> int:
@@ -61,10 +62,18 @@ class Workspace:
         return encode_rows(rows, self.tokenizer, self.cfg.data.max_length, self.cfg.data.max_prompt_length)
 
     def close(self) -> None:
+        from compo.tracking import detach
+
         for o in self.oracles or ():
             if o is not None:
                 o.close()
         self.oracles = None
+        detach(self.run)
+        if self.owns_group:
+            from compo.dist import leave_distributed
+
+            self.owns_group = False
+            leave_distributed()
 
 
 def _subset(rows: list, n: int | None, seed: int) -> list:
@@ -176,7 +185,7 @@ def _check_encoded(cfg: RunConfig, rows: list, tokenizer, what: str) -> EncodeRe
 def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = False,
                    force_resume: bool = False) -> Workspace:
     from compo.models import check_device, check_model_path, load_model, load_tokenizer
-    from compo import checks
+    from compo import checks, lora
 
     run = RunDir(cfg.run_dir)
     check_run_dir(run.root)
@@ -184,6 +193,8 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
     check_model_path("model.path", cfg.model.path, cfg.model.gguf_file)
     if cfg.split.reference:
         check_model_path("split.reference", cfg.split.reference)
+    if command == "train" or (command == "pipeline" and cfg.stage1.enabled):
+        lora.check_available(cfg)
     train, held, kind = load_data(cfg)
     stages = stages_of(command, cfg, kind)
     if "stage1" in stages and kind != "paired" and cfg.stage1.loss not in ("kto", "bco"):
@@ -193,21 +204,27 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
     tokenizer = load_tokenizer(cfg, run.reference)
     enc = _check_encoded(cfg, train, tokenizer, cfg.data.path)
     _check_encoded(cfg, held, tokenizer, cfg.data.eval_path or cfg.data.path)
-    for line in run.clean_leftovers(restore_only=True):
+    for line in run.clean_leftovers(restore_only=True):  # rank 0 alone writes the run dir (see RunDir)
         say(f"run dir: {line}")
+    barrier()  # under torchrun: the others read the run dir once rank 0 has rolled back interrupted swaps
     ws = Workspace(cfg, run, None, tokenizer, train, held, kind, resume, force_resume, encoded=enc, stages=stages)
     ws.fingerprints = {s: fingerprint.current(cfg, s, after_stage1="stage1" in stages) for s in stages}
     checks.check_saved_state(ws)
     ws.oracles = build_oracles(cfg) if "stage2" in stages else None
     try:
-        ws.model, ws.tokenizer = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
+        with main_first() if cfg.model.path == "toy" else contextlib.nullcontext():  # rank 0 builds reference/
+            ws.model, ws.tokenizer = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
+        if "stage1" in stages:
+            lora.check_targets(cfg, ws.model)
         checks.check_checkpoints(ws)
     except BaseException:
         ws.close()
         raise
     for line in run.clean_leftovers():
         say(f"run dir: {line}")
-    atomic_write_text(run.config, dump_config(cfg))
+    if is_writer():
+        atomic_write_text(run.config, dump_config(cfg))
+    barrier()
     return ws
 
 

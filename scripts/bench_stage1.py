@@ -10,6 +10,8 @@ unpaired for BCO. A DPO step of ``--completions/2`` pairs and a BCO step of
 each). The one-time costs (reference log-probs; UDM: prompt embeddings + classifier fit) are
 reported separately: the density ratios are computed once before training, never per step.
 
+``--vs-trl`` instead runs compo's DPO against TRL's ``DPOTrainer`` (see scripts/bench_trl.py).
+
 Prints one JSON object on stdout. Defaults use the embedded toy model and toy data (runs
 anywhere, no download). The real benchmark of the issue:
 
@@ -233,6 +235,12 @@ def make_cfg(args, loss: str, batch: int, name: str, extra: list[str] = ()):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--vs-trl" in argv:  # compo's DPO against TRL's DPOTrainer: scripts/bench_trl.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_trl
+
+        return bench_trl.main([a for a in argv if a != "--vs-trl"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="toy", help="model directory (or 'toy')")
     ap.add_argument("--data", default="toy", help="paired or unpaired data file (or 'toy')")

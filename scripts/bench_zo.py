@@ -11,6 +11,10 @@ All three are measured in one run, on one preference pair, on the same (untied) 
   perturbations, chunk from the memory budget) divided by m: the whole step amortised
   (hidden-state capture, all chunks, estimator, update). ``skip_threshold`` is 0 so every
   timed step goes through the update; the head is restored after each step.
+* ``floor_projected_s``: the same for the projected estimator: a V x k draw (k = rank of the
+  scored hidden states) and one (T x k)(k x V) matmul, log-softmax and gather.
+* ``step_m{m}_projected_s`` / ``step_m{m}_full_s``: one whole step (m perturbations), wall or CPU
+  seconds per ``--clock``; ``--m 1600`` gives the paper's step.
 * ``floor_s``: one ``torch.randn`` V x H fp32 draw plus one head matmul h z^T over the pair's
   scored tokens, log-softmax over V and gather (``compo.zo.head.candidate_logps``), per
   perturbation; measured before and after the compo steps, the smaller is reported (on a
@@ -184,6 +188,34 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
         return (CLOCK() - t0) / reps, int(inp.h.shape[0])
 
 
+def floor_projected_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device) -> tuple[float, int]:
+    """The projected estimator's floor: randn(V, k) + (h Q) z^T (T x k by k x V) + log-softmax +
+    gather per perturbation, with Q (the span of the scored hidden states) and the base logits
+    computed once outside, as one step does."""
+    from compo.zo.head import base_logits, candidate_logps, capture, projection_basis
+
+    with torch.no_grad():
+        inp = capture(model, [item], pad_id)
+        w = model.get_output_embeddings().weight.detach().float()
+        base = base_logits(w, inp)
+        hz = inp.h @ projection_basis(inp.h)
+        v, k = w.shape[0], hz.shape[1]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        z = torch.empty((1, v, k), dtype=torch.float32, device=device)
+        scales = torch.full((1,), radius, device=device)
+
+        def one() -> None:
+            torch.randn((v, k), generator=gen, out=z[0])
+            candidate_logps(base, hz, z, scales, inp)
+            sync(device)
+
+        one()
+        t0 = CLOCK()
+        for _ in range(reps):
+            one()
+        return (CLOCK() - t0) / reps, k
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="toy", help="'toy' (default) or a saved causal-LM directory")
@@ -205,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
+    ap.add_argument("--skip-full", action="store_true", help="do not time the full estimator (an m=1600 full step "
+                    "takes minutes on a CPU)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -234,13 +268,18 @@ def main(argv: list[str] | None = None) -> int:
         log("floor ...")
         floor_a, n_tok = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed, device)
         log(f"  floor_s={floor_a:.4f}")
+        floor_pa, width = floor_projected_per_perturbation(model, item, pad_id, args.radius, args.floor_reps,
+                                                           args.seed, device)
+        log(f"  floor_projected_s={floor_pa:.5f} (k={width})")
 
         extra = {} if args.memory_budget_mb is None else {"memory_budget_mb": args.memory_budget_mb}
         common = dict(m=args.m, radius=args.radius, skip_threshold=0.0, checkpoint_every=0, **extra)
-        log(f"compo full (m={args.m}) ...")
-        full_s, rec_full = compo_per_perturbation(
-            model, item, row, pad_id, ZOConfig(estimator="full", **common), args.steps, args.seed, device)
-        log(f"  compo_full_s={full_s:.4f} (chunk {rec_full['chunk']})")
+        full_s = rec_full = None
+        if not args.skip_full:
+            log(f"compo full (m={args.m}) ...")
+            full_s, rec_full = compo_per_perturbation(
+                model, item, row, pad_id, ZOConfig(estimator="full", **common), args.steps, args.seed, device)
+            log(f"  compo_full_s={full_s:.4f} (chunk {rec_full['chunk']})")
         log(f"compo projected (m={args.m}) ...")
         proj_s, rec_proj = compo_per_perturbation(
             model, item, row, pad_id,
@@ -252,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         floor_b, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1, device)
         log(f"  floor_s={floor_b:.4f}")
         floor_s = min(floor_a, floor_b)
+        floor_pb, _ = floor_projected_per_perturbation(model, item, pad_id, args.radius, args.floor_reps,
+                                                       args.seed + 1, device)
+        log(f"  floor_projected_s={floor_pb:.5f}")
+        floor_p = min(floor_pa, floor_pb)
         ref_s = None
         if not args.skip_reference:
             log(f"reference ({args.ref_reps} perturbations) ...")
@@ -269,14 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         "completion_tokens": n_tok,
         "m": args.m,
         "reference_s": ref_s,
+        "projected_width": width,
         "compo_full_s": full_s,
         "compo_projected_s": proj_s,
         "floor_s": floor_s,
-        "speedup_vs_reference": None if ref_s is None else ref_s / full_s,
-        "ratio_to_floor": full_s / floor_s,
-        "chunk_full": rec_full["chunk"],
+        "floor_projected_s": floor_p,
+        "speedup_vs_reference": None if ref_s is None or full_s is None else ref_s / full_s,
+        "projected_speedup_vs_reference": None if ref_s is None else ref_s / proj_s,
+        "ratio_to_floor": None if full_s is None else full_s / floor_s,
+        "projected_ratio_to_floor": proj_s / floor_p,
+        f"step_m{args.m}_projected_s": proj_s * args.m,
+        f"step_m{args.m}_full_s": None if full_s is None else full_s * args.m,
+        "chunk_full": None if rec_full is None else rec_full["chunk"],
         "chunk_projected": rec_proj["chunk"],
-        "compo_full_loop_s": 1.0 / rec_full["perturbations_per_s"],
+        "compo_full_loop_s": None if rec_full is None else 1.0 / rec_full["perturbations_per_s"],
         "compo_projected_loop_s": 1.0 / rec_proj["perturbations_per_s"],
         "loadavg_1m": None if load0 is None else [round(load0, 2), round(os.getloadavg()[0], 2)],
     }

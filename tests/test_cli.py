@@ -39,7 +39,7 @@ def test_pipeline_writes_the_run_directory_contract(tmp_path, capsys):
         args += ["--set", s]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "clean" in out and "held-out after stage1" in out and "held-out after stage2" in out
+    assert "clean" in out and "  after stage1 " in out and "  after stage2 " in out
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     RunConfig.model_validate(cfg)
     split = read_jsonl(run / "split.jsonl")

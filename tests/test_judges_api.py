@@ -8,6 +8,7 @@ bounded number of requests; the real ``openai`` / ``anthropic`` SDK clients reac
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from typing import Callable
 import pytest
 
 from oracles.judges import AnthropicJudge, JudgeCache, JudgeError, OpenAIJudge, build_judge
-from oracles.judges.api import _retry_after_seconds
+from oracles.judges.transport import retry_after_seconds
 
 SECRET = "sk-test-SECRET-123"
 FLAVORS = ["openai", "anthropic"]
@@ -217,8 +218,8 @@ def test_verdicts_and_request_shape(flavor, serve, judges, tmp_path):
     assert srv.count == 3
     body = srv.bodies[0]
     assert body["model"] == f"{flavor}-judge"
-    if flavor == "openai":
-        assert body["temperature"] == 0.0 and body["max_completion_tokens"] == 1024
+    if flavor == "openai":  # a non-OpenAI host gets both length fields (token_param: auto)
+        assert body["temperature"] == 0.0 and body["max_completion_tokens"] == body["max_tokens"] == 1024
     else:
         assert body["max_tokens"] == 1024 and "temperature" not in body
     assert all(SECRET in a for a in srv.auth)  # the key does reach the server
@@ -228,18 +229,45 @@ def test_verdicts_and_request_shape(flavor, serve, judges, tmp_path):
 def test_position_swap(flavor, serve, judges, tmp_path):
     srv = serve(flavor)
     j = judges(flavor, srv, tmp_path / "fair.sqlite", swap=True)
-    out = j.judge(P[:3], ["a good reply", "bad", "same"], ["bad", "a good reply", "same"])
+    out = j.judge(P[:3], ["a good reply", "bad", "meh"], ["bad", "a good reply", "meh too"])
     assert [o.verdict for o in out] == ["A", "B", "tie"]
-    assert srv.count == 5  # the last pair's two orders are the same request: asked once
+    assert srv.count == 6
     assert "[order B,A]" in out[0].raw
-    assert j.stats()["swap_disagreements"] == 0
+    s = j.stats()
+    assert (s["swap_pairs"], s["swap_disagreements"], s["swap_disagreement"]) == (3, 0, 0.0)
 
     biased = serve(flavor, lambda n, text: Act("Verdict: A"))  # always prefers the first shown
     jb = judges(flavor, biased, tmp_path / "biased.sqlite", swap=True)
     out = jb.judge(P[:2], ["a good reply", "bad"], ["bad", "a good reply"])
     assert [o.verdict for o in out] == ["tie", "tie"]
     assert biased.count == 4
-    assert jb.stats()["swap_disagreements"] == 2
+    s = jb.stats()
+    assert (s["swap_pairs"], s["swap_disagreements"], s["swap_disagreement"]) == (2, 2, 1.0)
+    assert jb.stats()["swap_disagreement"] is None  # reset on read: no pair judged since
+
+    # a pair with an order that got no answer is not a comparison of the two orders
+    half = serve(flavor, lambda n, text: Act("no idea") if shown_texts(text)[0] == "bad" else fair(n, text))
+    jh = judges(flavor, half, swap=True)
+    assert [o.verdict for o in jh.judge(P[:1], ["a good reply"], ["bad"])] == ["abstain"]
+    s = jh.stats()
+    assert (s["swap_pairs"], s["swap_disagreements"], s["swap_disagreement"]) == (0, 0, None)
+    # without swap there is no rate to report
+    assert "swap_disagreement" not in judges(flavor, srv).stats()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("swap", [False, True])
+def test_identical_responses_are_a_tie_without_a_request(flavor, swap, serve, judges, tmp_path):
+    srv = serve(flavor, lambda n, text: Act("Verdict: A"))  # would never say tie
+    j = judges(flavor, srv, tmp_path / "c.sqlite", swap=swap)
+    out = j.judge(P[:3], ["same", "same again", "x"], ["same", "same again", "y"])
+    assert [o.verdict for o in out[:2]] == ["tie", "tie"] and out[0].raw is None
+    assert srv.count == (2 if swap else 1)  # only the third pair was asked
+    s = j.stats()
+    assert (s["identical_ties"], s["calls"], s["abstentions"], s["cache_hits"]) == (2, 2 if swap else 1, 0, 0)
+    assert len(j.cache) == srv.count  # nothing is cached for identical responses
+    j.judge(["p"], ["same"], ["same"])
+    assert srv.count == (2 if swap else 1) and j.stats()["identical_ties"] == 1
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
@@ -475,10 +503,89 @@ def test_retry_after_parsing():
     def exc(headers):
         return SimpleNamespace(response=SimpleNamespace(headers=headers))
 
-    assert _retry_after_seconds(exc({"retry-after": "2"})) == 2.0
-    assert _retry_after_seconds(exc({"retry-after-ms": "250"})) == 0.25
+    assert retry_after_seconds(exc({"retry-after": "2"})) == 2.0
+    assert retry_after_seconds(exc({"retry-after-ms": "250"})) == 0.25
     date = __import__("email.utils").utils.formatdate(time.time() + 30, usegmt=True)
-    assert 25 < _retry_after_seconds(exc({"retry-after": date})) <= 31
-    assert _retry_after_seconds(exc({"retry-after": "soon"})) is None
-    assert _retry_after_seconds(exc({})) is None
-    assert _retry_after_seconds(ValueError("no response")) is None
+    assert 25 < retry_after_seconds(exc({"retry-after": date})) <= 31
+    assert retry_after_seconds(exc({"retry-after": "soon"})) is None
+    assert retry_after_seconds(exc({})) is None
+    assert retry_after_seconds(ValueError("no response")) is None
+
+
+def _by_hash(n: int, user_text: str) -> Act:
+    """A position-independent judge: the response with the smaller hash wins, whatever the order."""
+    first, second = (hashlib.sha256(t.encode()).hexdigest() for t in shown_texts(user_text))
+    return Act("Verdict: A" if first < second else "Verdict: B")
+
+
+def _stage2(judge, toy_reference, toy_pairs, run_dir, accept_judge=None, **zo):
+    """Three stage-2 steps on the toy model with ``judge`` voting (and ``accept_judge``, if
+    given, running the acceptance check)."""
+    import copy
+
+    from compo.config import ZOConfig
+    from compo.encode import encode_rows
+    from compo.rundir import RunDir, read_jsonl
+    from compo.zo.trainer import ZOTrainer
+    from oracles import GenerationOracle
+
+    model, tok = copy.deepcopy(toy_reference[0]), toy_reference[1]
+    enc = encode_rows(toy_pairs[0][:4], tok, 32, 16)
+    cfg = ZOConfig(**{"m": 8, "radius": 0.5, "sparsity": "top_fraction", "rho": 0.05, "skip_threshold": 0.1,
+                      "gamma": 0.5, "max_steps": 3, "checkpoint_every": 0, **zo})
+    oracle = GenerationOracle(judge, max_new_tokens=4)
+    accept = None if accept_judge is None else GenerationOracle(accept_judge, max_new_tokens=4)
+    run = RunDir(run_dir)
+    ZOTrainer(model, cfg, 0, oracle, 0, accept, tok).train(enc.items, toy_pairs[0][:4], run, progress=False)
+    return run, [r for r in read_jsonl(run.metrics) if r["stage"] == "stage2"]
+
+
+@pytest.mark.parametrize("biased", [True, False])
+def test_position_bias_reaches_the_step_log_and_the_summary(biased, serve, judges, toy_reference, toy_pairs,
+                                                            tmp_path, capsys):
+    from compo.pipeline import print_summary
+    from compo.zo.run import step_diagnostics
+
+    srv = serve("openai", (lambda n, t: Act("Verdict: A")) if biased else _by_hash)
+    run, recs = _stage2(judges("openai", srv, swap=True), toy_reference, toy_pairs, tmp_path / "run")
+    assert len(recs) == 3
+    for r in recs:  # 8 candidates x 1 prompt per step: each pair is a tie by identity or asked both ways
+        assert r["oracle/identical_ties"] + r["oracle/swap_pairs"] == 8 and r["oracle/abstentions"] == 0
+        assert r["oracle/swap_disagreements"] == (r["oracle/swap_pairs"] if biased else 0)
+    pairs = sum(r["oracle/swap_pairs"] for r in recs)
+    assert pairs > 0 and srv.count == sum(r["oracle/calls"] for r in recs) <= 2 * pairs
+    assert all(r["oracle/swap_disagreement"] == (1.0 if biased else 0.0) for r in recs if r["oracle/swap_pairs"])
+    totals = step_diagnostics(run)
+    assert totals["oracle/swap_disagreement"] == (1.0 if biased else 0.0) and totals["oracle/swap_pairs"] == pairs
+    assert totals["oracle/identical_ties"] == 24 - pairs and totals["oracle/calls"] == srv.count
+    capsys.readouterr()
+    print_summary({"stage2": {"steps": 3, **totals}})
+    out = capsys.readouterr().out
+    rate = "1.000" if biased else "0.000"
+    assert f"stage2 judge (oracle): {srv.count} requests, 0 cache hits, 0 abstentions, {24 - pairs} identical" in out
+    assert f"position bias: the two orders disagree on {rate} of {pairs} pairs" in out
+
+
+def test_identical_generations_cost_no_requests(serve, judges, toy_reference, toy_pairs, tmp_path):
+    # a tiny radius leaves every candidate's greedy text equal to the base head's
+    srv = serve("openai", lambda n, t: Act("Verdict: B"))
+    _, recs = _stage2(judges("openai", srv, swap=True), toy_reference, toy_pairs, tmp_path / "run", radius=1e-6)
+    assert [r["oracle/identical_ties"] for r in recs] == [8, 8, 8]
+    assert srv.count == 0 and all(r["oracle/calls"] == 0 and r["oracle/swap_disagreement"] is None for r in recs)
+    assert all(r["n_minus"] == 0 and r["skipped"] for r in recs)  # ties are no votes
+
+
+def test_the_acceptance_judge_reports_its_own_counters(serve, judges, toy_reference, toy_pairs, tmp_path):
+    from compo.zo.run import step_diagnostics
+
+    fair_srv, biased_srv = serve("openai", _by_hash), serve("openai", lambda n, t: Act("Verdict: A"))
+    # gamma large enough that the accepted step changes the generated text
+    run, recs = _stage2(judges("openai", fair_srv, swap=True), toy_reference, toy_pairs, tmp_path / "run",
+                        judges("openai", biased_srv, swap=True), acceptance_check=True, gamma=5.0)
+    asked = [r for r in recs if "accepted" in r]
+    assert asked and all(r["accept_oracle/identical_ties"] + r["accept_oracle/swap_pairs"] == 1 for r in asked)
+    assert all(r["accept_oracle/swap_disagreement"] == 1.0 for r in asked if r["accept_oracle/swap_pairs"])
+    assert all(r["oracle/swap_disagreement"] == 0.0 for r in recs)  # each judge's counters stay its own
+    totals = step_diagnostics(run)
+    assert totals["accept_oracle/calls"] == biased_srv.count > 0 and totals["accept_oracle/swap_disagreement"] == 1.0
+    assert totals["oracle/calls"] == fair_srv.count and totals["oracle/swap_disagreement"] == 0.0

@@ -30,7 +30,10 @@ from oracles.judges import (
     render,
     request_key,
     resolve_template,
+    run_totals,
+    totals_line,
 )
+from oracles.judges.budget import Budget
 from oracles.judges.human import pair_key
 
 TESTS = Path(__file__).parent
@@ -141,6 +144,42 @@ def test_cache_persists_across_reopen_and_threads(tmp_path):
     mem.close()
     with pytest.raises(RuntimeError):
         mem.get("x")
+
+
+def test_budget_counts_calls_tokens_and_refusals():
+    b = Budget(max_calls=2, max_tokens_total=None)
+    assert [b.reserve() for _ in range(4)] == [True, True, False, False]
+    assert b.exhausted and b.refusals == 2 and b.spent() == {"calls": 2, "tokens": 0}
+    b.reset()
+    assert not b.exhausted and b.refusals == 2 and b.reserve()  # refusals are never reset
+    t = Budget(max_tokens_total=10)
+    assert t.reserve() and t.reserve()  # two requests in flight
+    t.charge(6)
+    assert not t.exhausted
+    t.charge(6)  # the second reply crosses the limit: it still counts
+    assert t.exhausted and t.spent() == {"calls": 2, "tokens": 12} and not t.reserve()
+    with pytest.raises(ValueError, match="max_calls"):
+        Budget(max_calls=-1)
+
+
+def test_run_totals_sum_the_step_counters_and_rate_the_position_bias():
+    recs = [
+        {"oracle/calls": 4, "oracle/identical_ties": 1, "oracle/swap_pairs": 2, "oracle/swap_disagreements": 1,
+         "oracle/swap_disagreement": 0.5, "oracle/budget_exhausted": False},
+        {"oracle/calls": 0, "oracle/identical_ties": 3, "oracle/swap_pairs": 0, "oracle/swap_disagreements": 0,
+         "oracle/swap_disagreement": None},
+        {"oracle/calls": 6, "oracle/swap_pairs": 3, "oracle/swap_disagreements": 3, "oracle/cache_hits": 2},
+        {"step": 4},
+    ]
+    t = run_totals(recs)
+    assert t == {"oracle/calls": 10, "oracle/identical_ties": 4, "oracle/swap_pairs": 5,
+                 "oracle/swap_disagreements": 4, "oracle/cache_hits": 2, "oracle/swap_disagreement": 0.8}
+    assert run_totals(recs, "accept_oracle/") == {} and totals_line(t, "accept_oracle/") is None
+    assert totals_line(t) == ("judge (oracle): 10 requests, 2 cache hits, 0 abstentions, 4 identical-response ties; "
+                              "position bias: the two orders disagree on 0.800 of 5 pairs")
+    no_swap = run_totals([{"oracle/calls": 3, "oracle/swap_pairs": 0, "oracle/length_overruns": 2}])
+    assert "oracle/swap_disagreement" not in no_swap
+    assert totals_line(no_swap).endswith("; 2 replies longer than max_output_tokens (see docs/judges.md)")
 
 
 # -- registry ----------------------------------------------------------------------------------
@@ -341,7 +380,7 @@ def test_human_judge_skip_tie_quit_and_bad_input(tmp_path):
     assert "Please answer" in out.getvalue() and " | " not in out.getvalue()
     assert [json.loads(line)["verdict"] for line in path.read_text().splitlines()] == ["abstain", "tie"]
     s = judge.stats()
-    assert (s["calls"], s["abstentions"]) == (2, 1)
+    assert (s["calls"], s["abstentions"]) == (2, 0)  # the quit returned no judgement to abstain with
 
     # resume: only the third pair is asked; the file tolerates a torn last line
     with open(path, "a") as f:
@@ -370,3 +409,34 @@ def test_human_judge_reads_stdin(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("tie\n"))
     judge = build_judge("human", record_path=tmp_path / "h.jsonl", output=io.StringIO())
     assert judge.judge(["p"], ["a"], ["b"])[0].verdict == "tie"
+
+
+def test_human_judge_budget_refuses_and_a_resume_asks_only_the_rest(tmp_path):
+    path, asked, out = tmp_path / "h.jsonl", [], io.StringIO()
+    judge = HumanJudge(path, input_fn=lambda q: asked.append(q) or "t", output=out, max_calls=2)
+    verdicts = [j.verdict for j in judge.judge(["p1", "p2", "p1", "p3"], ["a"] * 4, ["b"] * 4)]
+    assert verdicts == ["tie", "tie", "tie", "abstain"]  # the repeated pair costs no budget
+    assert len(asked) == 2 and "budget: 1/2 answers used" in out.getvalue()
+    assert judge.budget_exhausted and judge.budget_refusals == 1
+    s = judge.stats()
+    assert (s["calls"], s["cache_hits"], s["abstentions"], s["budget_exhausted"]) == (2, 1, 1, True)
+    assert len(path.read_text().splitlines()) == 2  # refused pairs are not recorded
+    again = HumanJudge(path, input_fn=lambda q: asked.append(q) or "a", output=io.StringIO(), max_calls=1)
+    assert [j.verdict for j in again.judge(["p1", "p3"], ["a"] * 2, ["b"] * 2)][0] == "tie"
+    assert len(asked) == 3 and again.budget_refusals == 0
+    with pytest.raises(ValueError, match="max_calls"):
+        HumanJudge(path, max_calls=-1)
+
+
+def test_the_guide_documents_every_judge_option():
+    import inspect
+    import re
+
+    from oracles.judges import AnthropicJudge, APIJudge, OpenAIJudge
+    from oracles.judges.human_web import WebHumanJudge
+
+    guide = (TESTS.parent / "docs" / "judges.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([a-z_]+)`", guide))
+    for cls in (OpenAIJudge, AnthropicJudge, APIJudge, RewardModelJudge, HumanJudge, WebHumanJudge):
+        params = {n for n, p in inspect.signature(cls).parameters.items() if p.kind is not p.VAR_KEYWORD}
+        assert params and params <= documented, (cls.__name__, sorted(params - documented))

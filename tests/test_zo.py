@@ -172,3 +172,11 @@ def test_projected_estimator_runs_and_moves_the_right_way(tmp_path, toy_referenc
     taken = [p for r in recs if not r["skipped"] for p in r["pairs"]]
     assert taken
     assert sum(p["logp_chosen_after"] - p["logp_chosen_before"] for p in taken) > 0
+
+
+def test_threaded_draws_equal_one_thread_bit_for_bit():
+    one = PerturbationSource(5, (7, 6), 0.1, threads=1).draw(3, range(2, 13))
+    for n in (2, 3, 16):
+        many = PerturbationSource(5, (7, 6), 0.1, threads=n).draw(3, range(2, 13))
+        assert torch.equal(one, many)
+    assert torch.equal(one[4], PerturbationSource(5, (7, 6), 0.1, threads=4).draw(3, [6])[0])

@@ -95,3 +95,20 @@ def test_warnings_are_quiet_on_the_quickstart(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning" not in out
     assert "mean signal cosine" in out
+
+
+def test_agreement_stats_under_the_fixed_rule_measure_without_changing_the_run(toy_reference, toy_pairs):
+    model, items, texts = _setup(toy_reference, toy_pairs)
+    base = dict(m=1600, radius=1e-3, checkpoint_every=0, skip_threshold=0.0, gamma=1e-6)
+    plain = ZOTrainer(copy.deepcopy(model), ZOConfig(**base), 0, LikelihoodOracle(), pad_id=0)
+    counted = ZOTrainer(copy.deepcopy(model), ZOConfig(**base, agreement_stats=True), 0, LikelihoodOracle(), pad_id=0)
+    for t in range(3):
+        a, b = plain.step(t, items[:1], texts[:1]), counted.step(t, items[:1], texts[:1])
+        assert "agree_rate" not in a and b["agree_null"] == 0.5
+        assert b["agree_rate"] == b["n_agree"] / b["n_votes"] > b["agree_needed"] > 0.5
+        assert b["agree_needed"] == binomial_critical(b["n_votes"], 0.5, 0.05) / b["n_votes"]
+    assert torch.equal(plain.w, counted.w)  # counting is a side pass: same votes, same head
+    cfg = ZOConfig(**{**base, "m": 400}, agreement_stats=True)
+    noise = ZOTrainer(copy.deepcopy(model), cfg, 0, CoinOracle(0.3), pad_id=0)
+    rates = [noise.step(t, items[:1], texts[:1])["agree_rate"] for t in range(20)]
+    assert abs(sum(rates) / len(rates) - 0.5) < 0.03  # 20 x 400 votes: sd of the mean ~0.006

@@ -82,3 +82,12 @@ def agreement_skip_reason(agree: int, n_votes: int, alpha: float) -> str | None:
     if agree < need:
         return f"no significant signal: {agree}/{n_votes} votes agree with the rest, {need} needed at alpha={alpha}"
     return None
+
+
+def agreement_record(agree: int, n_votes: int, alpha: float) -> dict:
+    """The step's vote agreement against its no-signal rate: ``agree_rate`` (share of votes whose
+    term agrees with the rest), ``agree_null`` (1/2, the rate without signal) and ``agree_needed``
+    (the share the binomial rule needs at level ``alpha``)."""
+    need = binomial_critical(n_votes, 0.5, alpha)
+    return {"n_agree": agree, "agree_rate": agree / n_votes if n_votes else 0.0, "agree_null": 0.5,
+            "agree_needed": need / n_votes if n_votes else 1.0}

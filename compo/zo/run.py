@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from compo import faults
 from compo.logprobs import PairScores, score_pairs
+from compo.progress import say
 from compo.split import margins_of, noisy_mask
 from compo.zo.track import first_steps
 
@@ -41,7 +42,8 @@ def _noisy_shifts(before, after, prefix: str = "noisy") -> dict:
 
 def step_diagnostics(run) -> dict:
     """Means over the logged stage-2 steps: the estimated signal cosine of u (near 0: the update
-    is noise), the share of the direction's energy the sparsity rule kept (taken steps)."""
+    is noise), the share of votes agreeing with the rest (1/2 without signal; when counted), the
+    share of the direction's energy the sparsity rule kept (taken steps)."""
     from compo.rundir import read_jsonl
 
     recs = [r for r in read_jsonl(run.metrics) if r.get("stage") == "stage2"] if run.metrics.exists() else []
@@ -49,13 +51,28 @@ def step_diagnostics(run) -> dict:
     out = {}
     if recs and all("signal_cos" in r for r in recs):
         out["mean_signal_cos"] = sum(r["signal_cos"] for r in recs) / len(recs)
+    if recs and all("agree_rate" in r for r in recs):
+        out["mean_agree_rate"] = sum(r["agree_rate"] for r in recs) / len(recs)
     if taken and all("energy_kept" in r for r in taken):
         out["mean_energy_kept"] = sum(r["energy_kept"] for r in taken) / len(taken)
+    from oracles.judges import run_totals  # judge requests, ties, position bias over the run
+
+    for prefix in ("oracle/", "accept_oracle/"):
+        out.update(run_totals(recs, prefix))
     return out
 
 
 def _subset(scores: PairScores, mask: torch.Tensor) -> PairScores:
     return PairScores(scores.chosen[mask], scores.rejected[mask], scores.chosen_tokens[mask], scores.rejected_tokens[mask])
+
+
+def _paused_wall(ws, resume: bool) -> float:
+    """Stage-2 seconds of the paused sessions a resume continues (summary.json keeps them under
+    stage2.wall_s when a session pauses; their checkpoint is the one the resume loads)."""
+    s2 = ws.run.summary().get("stage2") or {}
+    if resume and (ws.run.checkpoints / "zo").exists() and "stopped" in s2:
+        return float(s2.get("wall_s") or 0.0)
+    return 0.0
 
 
 def run_stage2(ws, split, resume: bool = False) -> dict:
@@ -79,14 +96,14 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
                         f"delta={cfg.split.delta}): raise split.delta or use split.rule=quantile")
     oracle, accept = ws.oracles if ws.oracles is not None else build_oracles(cfg)
     ws.oracles = None  # closed below
-    print(f"stage2: ComPO on {len(idx)} noisy pairs (rule={cfg.zo.noisy_rule}), m={cfg.zo.m}, "
-          f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}", flush=True)
+    say(f"stage2: ComPO on {len(idx)} noisy pairs (rule={cfg.zo.noisy_rule}), m={cfg.zo.m}, "
+        f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}")
     rank0 = world_info()[1] == 0
     if rank0 and not (resume and (ws.run.checkpoints / "zo").exists()):
         fingerprint.record(ws.run, "stage2", ws.fingerprints.get("stage2") or fingerprint.current(cfg, "stage2"))
     noisy_items = [split.encoded.items[i] for i in idx]
     before = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs before")
-    t0 = time.time()
+    t0, earlier = time.time(), _paused_wall(ws, resume)
     trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
     total = trainer.total_steps(len(idx))
     schedule = first_steps(len(idx), total, trainer.pairs_for_step)  # the pairs stage 2 trains
@@ -101,7 +118,8 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
         totals = trainer.train(noisy_items, [split.rows[i] for i in idx], ws.run, resume)
     except Paused as e:
         if rank0:
-            ws.run.update_summary(stage2={"stopped": str(e), "steps_done": e.totals.get("steps", 0)})
+            ws.run.update_summary(stage2={"stopped": str(e), "steps_done": e.totals.get("steps", 0),
+                                          "wall_s": round(earlier + time.time() - t0, 2)})
         raise
     finally:
         oracle.close()
@@ -111,7 +129,7 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     final = {
         "steps": totals["steps"], "steps_taken": totals["steps_taken"], "steps_skipped": totals["steps_skipped"],
         "skip_reasons": totals["skip_reasons"], "mean_frac_minus": totals["sum_frac_minus"] / steps,
-        "n_noisy_pairs": len(idx), "untied_head": trainer.untied, "wall_s": round(time.time() - t0, 2),
+        "n_noisy_pairs": len(idx), "untied_head": trainer.untied, "wall_s": round(earlier + time.time() - t0, 2),
     }
     for key in ("budget_exhausted", "warnings"):
         if key in totals:

@@ -12,23 +12,25 @@ from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from compo import faults
 from compo.config import ZOConfig
 from compo.dist import all_gather_votes, all_reduce_sum, broadcast_votes, comm_device, world_info
 from compo.errors import Diverged, Paused
 from compo.models import untie_head
+from compo.progress import bar as progress_bar, say, warn
 from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
 from compo.zo.estimator import (
-    agreement_skip_reason, normalise, proposed_head, signal_cosine, signal_mu2, skip_reason, sparsify,
+    agreement_record, agreement_skip_reason, normalise, proposed_head, signal_cosine, signal_mu2, skip_reason, sparsify,
 )
 from compo.zo.head import (
-    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, projection_basis,
+    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, lower_basis,
+    lower_candidate_logps,
 )
 from compo.zo.monitor import new_state, observe
 from compo.zo.perturb import PerturbationSource
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
+from oracles.generation import GenerationOracle
 from oracles.judges.base import JudgeQuit
 
 CHECK_ATOL_PER_TOKEN = 2e-3  # self-check floor (fp32); bf16/fp16 scale up: head.self_check_tolerance
@@ -46,6 +48,16 @@ def check_estimator(cfg: ZOConfig, oracle: Oracle) -> None:
 
 class BudgetSpent(JudgeQuit):
     """A judge refused votes for lack of budget during a step: the step is redone on --resume."""
+
+
+class _Ranks:
+    """The stage-2 processes as a GenerationOracle's collective ``settle`` sees them."""
+
+    def __init__(self, world: int, rank: int, device: torch.device):
+        self.world, self.rank, self.device = world, rank, comm_device(device)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, self.device).cpu()
 
 
 class ZOTrainer:
@@ -92,13 +104,22 @@ class ZOTrainer:
              hz: torch.Tensor, z: torch.Tensor, s: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """One oracle call on candidates W + s_i z_i, computing only the evidence it needs."""
         if oracle.needs == Evidence.LOGPROBS:
-            cand = candidate_logps(base, hz, z, s, inp, out=self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1]))
+            buf = self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1])
+            if self.cfg.estimator == "projected":  # hz is lower trapezoidal: see head.lower_basis
+                cand = lower_candidate_logps(base, hz, z, s, inp, out=buf, blocks=self.cfg.projected_blocks)
+            else:
+                cand = candidate_logps(base, hz, z, s, inp, out=buf)
             return oracle.compare(self._batch(texts, len(indices), base_lp, cand))
+        return oracle.compare(self._generation_batch(t, items, texts, base_lp, z, s, indices))
+
+    def _generation_batch(self, t: int, items, texts, base_lp: torch.Tensor, z: torch.Tensor, s: torch.Tensor,
+                          indices: list[int]) -> OracleBatch:
+        """A batch whose ``generate`` gives candidates W + s_i z_i's responses (base ones made once a step)."""
         prompts = [it.prompt for it in items]
         if self._base_responses is None:
             self._base_responses = self.generator.generate(prompts, self.w, step=t)[0]
         gen = lambda: self.generator.generate(prompts, self.w, z, s, step=t, indices=indices)  # noqa: E731
-        return oracle.compare(self._batch(texts, len(indices), base_lp, None, gen, self._base_responses))
+        return self._batch(texts, len(indices), base_lp, None, gen, self._base_responses)
 
     def _buffer(self, name: str, numel: int) -> torch.Tensor:
         """A flat fp32 scratch tensor of at least ``numel`` entries, kept across steps."""
@@ -143,8 +164,8 @@ class ZOTrainer:
             self._check_head(inp, base_lp)
         v, hdim = self.w.shape
         if cfg.estimator == "projected":
-            q = projection_basis(inp.h)
-            hz, width = inp.h @ q, q.shape[1]
+            q, hz = lower_basis(inp.h)
+            width = q.shape[1]
         else:
             q, hz, width = None, inp.h, hdim
         source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device)
@@ -155,6 +176,10 @@ class ZOTrainer:
         votes = torch.zeros(cfg.m, dtype=torch.int8)
         chunks = [range(a, min(cfg.m, a + c)) for a in range(0, cfg.m, c)]
         world, rank = world_info()
+        group = _Ranks(world, rank, device) if world > 1 else None
+        # a generation oracle hears the whole step's questions at once (settle), collectively
+        # across ranks: each distinct question asked by one rank, every rank gets every vote
+        deferred = isinstance(self.oracle, GenerationOracle)
 
         def accumulate(idx: range, z: torch.Tensor, s: torch.Tensor) -> None:
             coef = votes[idx.start : idx.stop].to(device=device, dtype=torch.float32) * (s / cfg.radius)
@@ -166,14 +191,20 @@ class ZOTrainer:
                 continue
             z = source.draw(t, idx, out=buf)
             s = source.scales(z)
+            if deferred:
+                self.oracle.collect(self._generation_batch(t, items, texts, base_lp, z, s, list(idx)), idx.start)
+                continue
             y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx))
             votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
             if world == 1:
                 accumulate(idx, z, s)
-        if world > 1:
+        if deferred:
+            votes = self.oracle.settle(cfg.m, len(items), group).to(torch.int8).cpu()
+        elif world > 1:
+            votes = all_gather_votes(votes, device)
+        if world > 1 or deferred:
             # only votes travel; every rank regenerates z from seeds and sums u in the canonical
             # chunk order, the same arithmetic as one process: the result is world-size free
-            votes = all_gather_votes(votes, device)
             for idx in chunks:
                 z = source.draw(t, idx, out=buf)
                 accumulate(idx, z, source.scales(z))
@@ -191,10 +222,11 @@ class ZOTrainer:
                      "n_abstain": cfg.m - n_votes, "signal_cos": signal_cosine(u_sq, n_votes, dim, sphere),
                      "signal_mu2": signal_mu2(u_sq, n_votes, dim, sphere), "u_sq_norm": u_sq,
                      "n_votes": n_votes, "dim": dim}
+        if cfg.skip_rule == "binomial" or cfg.agreement_stats:
+            rec.update(agreement_record(self._agreements(t, chunks, source, votes, u, buf), n_votes, cfg.skip_alpha))
         if cfg.skip_rule == "fixed":
             reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
         else:
-            rec["n_agree"] = self._agreements(t, chunks, source, votes, u, buf)
             reason = agreement_skip_reason(rec["n_agree"], rec["n_votes"], cfg.skip_alpha)
         new_w = g_sparse = None
         if reason is None:
@@ -207,10 +239,16 @@ class ZOTrainer:
         if new_w is not None and cfg.acceptance_check:
             step_dir = (new_w - self.w)[None]
             verdict = torch.zeros(1, dtype=torch.int8)
-            if rank == 0:
-                verdict = self._ask(self.accept_oracle, t, items, texts, inp, base, base_lp, inp.h, step_dir,
-                                    torch.ones(1, device=device), [-2]).to(torch.int8).cpu()
-            verdict = broadcast_votes(verdict, device)
+            if isinstance(self.accept_oracle, GenerationOracle):  # rank 0 generates, every rank settles
+                if rank == 0:
+                    self.accept_oracle.collect(self._generation_batch(t, items, texts, base_lp, step_dir,
+                                                                      torch.ones(1, device=device), [-2]), 0)
+                verdict = self.accept_oracle.settle(1, len(items), group).to(torch.int8).cpu()
+            else:
+                if rank == 0:
+                    verdict = self._ask(self.accept_oracle, t, items, texts, inp, base, base_lp, inp.h, step_dir,
+                                        torch.ones(1, device=device), [-2]).to(torch.int8).cpu()
+                verdict = broadcast_votes(verdict, device)
             rec["accepted"] = bool(int(verdict[0]) == BETTER)
             if not rec["accepted"]:
                 reason, new_w = "rejected by the acceptance check", None
@@ -228,9 +266,10 @@ class ZOTrainer:
             dtype = self.head.weight.dtype
             rec["frac_changed"] = int(torch.count_nonzero(new_w.to(dtype) != self.w.to(dtype))) / new_w.numel()
             rec["frac_kept"] = int(torch.count_nonzero(g_sparse)) / g_sparse.numel()
-            rec["energy_kept"] = float(torch.linalg.vector_norm(g_sparse, dtype=torch.float64) ** 2)
-            rec["update_norm"] = float(torch.linalg.vector_norm(new_w - self.w, dtype=torch.float64))
-            rec["update_ratio"] = rec["update_norm"] / max(float(torch.linalg.vector_norm(self.w, dtype=torch.float64)), 1e-30)
+            # diagnostics only: fp32 norms (pairwise sums, ~1e-6 relative) cost 1/20 of fp64 ones
+            rec["energy_kept"] = float(torch.linalg.vector_norm(g_sparse)) ** 2
+            rec["update_norm"] = float(torch.linalg.vector_norm(new_w - self.w))
+            rec["update_ratio"] = rec["update_norm"] / max(float(torch.linalg.vector_norm(self.w)), 1e-30)
             self.w = new_w
             self.head.weight.data.copy_(new_w.to(dtype))
             after_lp = head_logps(self.w, inp)
@@ -250,6 +289,8 @@ class ZOTrainer:
         rec["perturbations_per_s"] = round(cfg.m / max(t_perturb, 1e-9), 2)
         rec["chunk"] = c
         rec.update({f"oracle/{k}": val for k, val in self.oracle.stats().items()})
+        if self.accept_oracle is not self.oracle:
+            rec.update({f"accept_oracle/{k}": val for k, val in self.accept_oracle.stats().items()})
         return rec
 
     def _agreements(self, t: int, chunks, source, votes: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> int:
@@ -304,12 +345,13 @@ class ZOTrainer:
         rank0 = world_info()[1] == 0
         if resume and ckpt_dir.exists():
             start, totals = self.load_checkpoint(ckpt_dir, total)
-            print(f"stage2: resumed from {ckpt_dir} at step {start}/{total}", flush=True)
+            say(f"stage2: resumed from {ckpt_dir} at step {start}/{total}")
         elif rank0:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         if rank0:
             run.truncate_metrics("stage2", start)
-        bar = tqdm(range(start, total), desc="stage2 (ComPO)", disable=not progress or not rank0)
+        bar = progress_bar(range(start, total), "stage2 (ComPO)", total=total, initial=start, unit="step",
+                           enabled=progress and rank0)
         for t in bar:
             idx = self.pairs_for_step(t, len(items))
             try:
@@ -318,7 +360,7 @@ class ZOTrainer:
                 if rank0:
                     self.save_checkpoint(ckpt_dir, t, totals)
                 totals["stopped"] = f"{e}; stopped before step {t + 1}, --resume continues from there"
-                print(f"stage2: {totals['stopped']}", flush=True)
+                say(f"stage2: {totals['stopped']}")
                 raise Paused(f"stage2 paused before step {t + 1} of {total}: {e}; the checkpoint is in "
                              f"{ckpt_dir} and --resume continues from there", totals) from None
             for extra in self.extras:
@@ -329,7 +371,7 @@ class ZOTrainer:
                 rec.setdefault("warnings", []).append(msg)
                 totals.setdefault("warnings", []).append(f"stage2 step {t + 1}: {msg}")
                 if rank0:
-                    print(f"warning: stage2 step {t + 1}: {msg}", flush=True)
+                    warn(f"stage2 step {t + 1}: {msg}")
             if rank0:
                 run.log(rec)
             if rec.get("update_ratio", 0.0) > LARGE_UPDATE and not totals.get("large_update_warned"):
@@ -338,11 +380,11 @@ class ZOTrainer:
                        f"norm (zo.gamma={self.cfg.gamma}); steps that large leave the linear regime the oracle "
                        "votes in and usually hurt: lower zo.gamma")
                 totals.setdefault("warnings", []).append(msg)
-                print(f"warning: {msg}", flush=True)
+                warn(msg)
             if rec.get("oracle/budget_exhausted") and not totals.get("budget_exhausted"):
                 totals["budget_exhausted"] = True
-                print(f"stage2: the judge's budget is spent at step {t + 1}: from here on its votes abstain "
-                      "(raise max_calls / max_tokens_total and --resume to continue paying)", flush=True)
+                warn(f"stage2: the judge's budget is spent at step {t + 1}: from here on its votes abstain "
+                     "(raise max_calls / max_tokens_total and --resume to continue paying)")
             totals["steps"] += 1
             totals["sum_frac_minus"] += rec["frac_minus"]
             if rec["skipped"]:
@@ -352,6 +394,7 @@ class ZOTrainer:
             else:
                 totals["steps_taken"] += 1
             bar.set_postfix(n_minus=rec["n_minus"], taken=totals["steps_taken"], cos=f"{rec['signal_cos']:.3f}",
+                            **({"agree": f"{rec['agree_rate']:.3f}"} if "agree_rate" in rec else {}),
                             pps=rec["perturbations_per_s"])
             if self.cfg.checkpoint_every and (t + 1) % self.cfg.checkpoint_every == 0 and t + 1 < total:
                 if world_info()[1] == 0:

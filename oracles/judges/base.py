@@ -11,7 +11,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from oracles.base import load_object
 
@@ -29,6 +29,10 @@ STAT_KEYS: tuple[str, ...] = (
     "errors",  # requests that failed for good (retries exhausted or non-retryable)
     "budget_exhausted",  # bool: the judge's call / token budget is spent (not reset on read)
 )
+
+#: Counters :func:`run_totals` sums over a run's step records (API judges report the last four).
+SUMMED_KEYS: tuple[str, ...] = ("calls", "cache_hits", "abstentions", "errors", "input_tokens", "output_tokens",
+                                "identical_ties", "swap_pairs", "swap_disagreements", "length_overruns")
 
 JUDGE_GROUP = "compo.judges"
 
@@ -90,6 +94,39 @@ def check_batch(prompts: Sequence[str], responses_a: Sequence[str], responses_b:
         for i, x in enumerate(seq):
             if not isinstance(x, str):
                 raise TypeError(f"{name}[{i}] must be a str, got {type(x).__name__}")
+
+
+def run_totals(records: Iterable[dict], prefix: str = "oracle/") -> dict:
+    """The judge counters ``{prefix}<name>`` of per-step records summed over the run, plus
+    ``{prefix}swap_disagreement``: the run's position-bias rate (share of the pairs asked in
+    both orders whose two verdicts differ), when any pair was. {} when no record has counters."""
+    totals: dict[str, Any] = {}
+    for rec in records:
+        for key in SUMMED_KEYS:
+            value = rec.get(prefix + key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+    if totals.get("swap_pairs"):
+        totals["swap_disagreement"] = totals["swap_disagreements"] / totals["swap_pairs"]
+    return {prefix + k: v for k, v in totals.items()}
+
+
+def totals_line(summary: dict, prefix: str = "oracle/") -> str | None:
+    """One summary line from :func:`run_totals` keys in ``summary`` (None when there are none)."""
+    if prefix + "calls" not in summary:
+        return None
+
+    def get(key: str) -> Any:
+        return summary.get(prefix + key, 0)
+
+    line = (f"judge ({prefix.rstrip('/')}): {get('calls')} requests, {get('cache_hits')} cache hits, "
+            f"{get('abstentions')} abstentions, {get('identical_ties')} identical-response ties")
+    if prefix + "swap_disagreement" in summary:
+        line += (f"; position bias: the two orders disagree on {summary[prefix + 'swap_disagreement']:.3f} "
+                 f"of {get('swap_pairs')} pairs")
+    if get("length_overruns"):
+        line += f"; {get('length_overruns')} replies longer than max_output_tokens (see docs/judges.md)"
+    return line
 
 
 class PairwiseJudge(ABC):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
+
+from oracles.judges.base import JudgeError
 
 SCHEMA_VERSION = 1
 
@@ -50,6 +53,22 @@ def request_key(
         ensure_ascii=False,
     )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def check_cache_path(path: Path | None) -> None:
+    """The cache file must be a file (or creatable under a writable folder): checked before any
+    work, so a bad path fails when the judge is built, not at its first answer."""
+    if path is None:
+        return
+    if path.exists():
+        if not path.is_file():
+            raise JudgeError(f"cache_path {path} exists and is not a file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise JudgeError(f"cache_path {path} is not readable and writable")
+        return
+    parent = next((q for q in path.absolute().parents if q.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise JudgeError(f"cache_path {path}: cannot create it under {parent}")
 
 
 @dataclass(frozen=True)

@@ -10,41 +10,23 @@ Answers: ``a``/``1``/``left`` or ``b``/``2``/``right`` (the response shown on th
 answer, skips included, is appended to a JSONL file at once (flush + fsync), keyed by a hash
 of the texts; a new judge on the same file reuses those answers without asking again (a pair
 already answered with the responses the other way round is reused with the labels flipped).
+The record, the order and the budget (``max_calls`` questions) are shared with the browser
+judge ``human_web`` (:mod:`oracles.judges.human_record`): either resumes the other's file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-import logging
-import os
-import random
 import shutil
 import sys
 import textwrap
-import time
 from os import PathLike
-from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Callable, TextIO
 
-from oracles.judges.base import Judgement, JudgeError, JudgeQuit, PairwiseJudge, check_batch, flip, register_judge
+from oracles.judges.base import JudgeError, JudgeQuit, register_judge
+from oracles.judges.human_record import ANSWERS, Question, RecordedHumanJudge, pair_key
 
-log = logging.getLogger(__name__)
-
-_ANSWERS = {
-    "a": "left", "1": "left", "l": "left", "left": "left",
-    "b": "right", "2": "right", "r": "right", "right": "right",
-    "t": "tie", "tie": "tie", "=": "tie",
-    "s": "skip", "skip": "skip",
-    "q": "quit", "quit": "quit", "exit": "quit",
-}
 QUESTION = "Which response is better? [a] / [b] / [t]ie / [s]kip / [q]uit: "
-
-
-def pair_key(prompt: str, response_a: str, response_b: str) -> str:
-    blob = json.dumps([prompt, response_a, response_b], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -70,7 +52,7 @@ def stacked(left: str, right: str, width: int, labels: tuple[str, str] = ("[A]",
 
 
 @register_judge("human")
-class HumanJudge(PairwiseJudge):
+class HumanJudge(RecordedHumanJudge):
     """Asks a person; ``input_fn`` / ``output`` make it scriptable (tests, notebooks)."""
 
     name = "human"
@@ -85,55 +67,15 @@ class HumanJudge(PairwiseJudge):
         width: int | None = None,
         min_columns_width: int = 60,
         max_bad_answers: int = 100,
+        max_calls: int | None = None,
     ):
-        self.record_path = Path(record_path).expanduser()
+        super().__init__(record_path, seed, max_calls)
         self.input_fn = input_fn
         self.output = output
-        self.seed = seed
         self.width = width
         self.min_columns_width = min_columns_width
         self.max_bad_answers = max_bad_answers
-        self._answers: dict[str, dict[str, Any]] = {}
-        self._load()
 
-    # -- record file -----------------------------------------------------------------------
-    def _load(self) -> None:
-        self.record_path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.record_path.exists():
-            return
-        with open(self.record_path, "rb") as f:
-            data = f.read()
-        bad = 0
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if rec["verdict"] not in ("A", "B", "tie", "abstain"):
-                    raise ValueError(rec["verdict"])
-                self._answers[str(rec["key"])] = rec
-            except (ValueError, KeyError, TypeError):
-                bad += 1
-        if bad:
-            log.warning("human judge: ignored %d unreadable line(s) in %s", bad, self.record_path)
-        if data and not data.endswith(b"\n"):  # a write cut short: start the next record on a new line
-            self._append_bytes(b"\n")
-
-    def _append_bytes(self, data: bytes) -> None:
-        with open(self.record_path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _record(self, rec: dict[str, Any]) -> None:
-        self._append_bytes((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._answers[rec["key"]] = rec
-
-    def recorded(self) -> dict[str, str]:
-        """key -> verdict for every answer on record."""
-        return {k: r["verdict"] for k, r in self._answers.items()}
-
-    # -- interaction -----------------------------------------------------------------------
     def _out(self) -> TextIO:
         return self.output if self.output is not None else sys.stdout
 
@@ -148,18 +90,16 @@ class HumanJudge(PairwiseJudge):
     def _width(self) -> int:
         return self.width or shutil.get_terminal_size((100, 24)).columns
 
-    def _shown_swapped(self, key: str) -> bool:
-        return random.Random(f"{self.seed}:{key}").random() < 0.5
-
-    def _show(self, i: int, n: int, prompt: str, left: str, right: str) -> None:
+    def _show(self, i: int, n: int, q: Question) -> None:
         width = self._width()
         self._print("=" * min(width, 100))
-        self._print(f"Pair {i + 1}/{n}")
+        budget = "" if self.max_calls is None else f"  (budget: {self._asked}/{self.max_calls} answers used)"
+        self._print(f"Pair {i + 1}/{n}{budget}")
         self._print("Prompt:")
-        self._print("\n".join(_wrap(prompt, max(10, width))))
+        self._print("\n".join(_wrap(q.prompt, max(10, width))))
         self._print()
         layout = side_by_side if width >= self.min_columns_width else stacked
-        self._print(layout(left, right, width))
+        self._print(layout(q.left, q.right, width))
         self._print()
 
     def _ask(self) -> tuple[str, str]:
@@ -168,51 +108,24 @@ class HumanJudge(PairwiseJudge):
                 answer = self.input_fn(QUESTION)
             except EOFError:
                 return "quit", ""
-            choice = _ANSWERS.get(str(answer).strip().lower())
+            choice = ANSWERS.get(str(answer).strip().lower())
             if choice is not None:
                 return choice, str(answer).strip()
             self._print(f"Please answer a, b, t(ie), s(kip) or q(uit), not {str(answer).strip()!r}.")
         raise JudgeError(f"human judge: {self.max_bad_answers} unreadable answers in a row")
 
-    def judge(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> list[Judgement]:
-        check_batch(prompts, responses_a, responses_b)
-        out: list[Judgement] = []
-        n = len(prompts)
-        for i, (p, a, b) in enumerate(zip(prompts, responses_a, responses_b)):
-            key = pair_key(p, a, b)
-            rec = self._answers.get(key)
-            verdict: str
-            if rec is not None:
-                verdict, raw = rec["verdict"], rec.get("answer")
-                self._count("cache_hits")
-            elif (rev := self._answers.get(pair_key(p, b, a))) is not None:
-                verdict, raw = flip(rev["verdict"]), rev.get("answer")
-                self._count("cache_hits")
-            else:
-                swapped = self._shown_swapped(key)
-                left, right = (b, a) if swapped else (a, b)
-                self._show(i, n, p, left, right)
-                choice, raw = self._ask()
-                if choice == "quit":
-                    self._print("Stopping; every answer so far is saved.")
-                    raise JudgeQuit(f"quit by the user at pair {i + 1}/{n}")
-                if choice == "skip":
-                    verdict = "abstain"
-                elif choice == "tie":
-                    verdict = "tie"
-                else:
-                    shown = "A" if choice == "left" else "B"
-                    verdict = flip(shown) if swapped else shown
-                self._count("calls")
-                self._record({
-                    "key": key, "verdict": verdict, "answer": raw, "shown_swapped": swapped,
-                    "time": time.time(), "seed": self.seed,
-                    "prompt": p, "response_a": a, "response_b": b,
-                })
-            if verdict == "abstain":
-                self._count("abstentions")
-            out.append(Judgement(verdict, None, raw))
-        return out
+    def _ask_all(self, questions: list[Question]) -> None:
+        n = len(questions)
+        for i, q in enumerate(questions):
+            self._show(i, n, q)
+            choice, raw = self._ask()
+            if choice == "quit":
+                self._print("Stopping; every answer so far is saved.")
+                raise JudgeQuit(f"quit by the user at pair {i + 1}/{n}")
+            self.answer(q, choice, raw)
 
     def __repr__(self) -> str:
         return f"HumanJudge(record_path={str(self.record_path)!r}, seed={self.seed})"
+
+
+__all__ = ["HumanJudge", "QUESTION", "pair_key", "side_by_side", "stacked"]

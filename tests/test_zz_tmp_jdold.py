@@ -1,0 +1,165 @@
+"""Stage 2 with a generation oracle and an API judge across 2 gloo processes, against one process:
+the same questions reach the judge (each distinct one asked once, by one rank, and cached once),
+the same votes and a bit-identical head, a call budget that runs out at the same step; and the
+sqlite cache taking answers from several processes at once."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from compo import toy
+from test_judges_api import Act, FakeLLM, shown_texts
+
+M, CHUNK, PAIRS, STEPS = 12, 3, 2, 3
+
+
+def hashed_verdict(n: int, user_text: str) -> Act:
+    """A deterministic judge with mixed verdicts: A, B or tie by a hash of the two responses
+    shown (so a repeated question gets the same answer, whichever process asks it)."""
+    digest = hashlib.sha256("\x00".join(shown_texts(user_text)).encode()).digest()[0] % 5
+    return Act("Verdict: A" if digest < 2 else "Verdict: B" if digest < 4 else "Verdict: tie")
+
+
+def _worker(rank: int, world: int, rdzv: str, model_dir: str, out: str, base_url: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compo.config import ToyDataConfig, ZOConfig
+    from compo.encode import encode_rows
+    from compo.errors import Paused
+    from compo.rundir import RunDir
+    from compo.zo.trainer import ZOTrainer
+    from oracles import GenerationOracle
+    from oracles.judges import OpenAIJudge
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        rows = toy.toy_dataset(ToyDataConfig(n_train=8, n_eval=1), seed=0)[0]
+        items = encode_rows(rows, tok, 32, 16).items
+        cfg = ZOConfig(m=M, chunk_size=CHUNK, pairs_per_step=PAIRS, radius=0.3, sparsity="top_fraction", rho=0.05,
+                       skip_threshold=0.05, gamma=0.5, max_steps=STEPS, checkpoint_every=0, acceptance_check=True)
+
+        def run(name: str, max_calls: int | None) -> dict:
+            judge = OpenAIJudge(f"{name}-w{world}", base_url=base_url, api_key_env=None, max_calls=max_calls,
+                                cache_path=os.path.join(out, f"{name}-w{world}.sqlite"), max_concurrency=2,
+                                timeout=20, max_retries=0)
+            oracle = GenerationOracle(judge, aggregation="all", max_new_tokens=4)
+            got = {"votes": [], "collected": [], "asked": [], "calls": [], "paused": None}
+            settle, ask = oracle.settle, judge.judge
+
+            def settle_and_keep(n, p, group=None):
+                got["collected"].append([(q.slot, q.prompt, q.a, q.b) for q in oracle._questions])
+                votes = settle(n, p, group)
+                got["votes"].append(votes.tolist())
+                return votes
+
+            def ask_and_keep(prompts, a, b):
+                got["asked"] += list(zip(prompts, a, b))
+                return ask(prompts, a, b)
+
+            oracle.settle, judge.judge = settle_and_keep, ask_and_keep
+            tr = ZOTrainer(copy.deepcopy(model), cfg, 3, oracle, pad_id=0, tokenizer=tok)
+            try:
+                tr.train(items, rows, RunDir(os.path.join(out, f"run-{name}-w{world}")), progress=False,
+                         callback=lambda t, rec: got["calls"].append(rec["oracle/calls"]))
+            except Paused as e:
+                got["paused"] = e.totals["steps"]
+            finally:
+                oracle.close()
+            got["head"] = tr.w
+            return got
+
+        free = run("free", None)
+        budget = sum(free["calls"][:2]) - 1  # one call short of step 2's
+        limited = run("budget", budget)
+        torch.save({"free": free, "budget": budget, "limited": limited}, os.path.join(out, f"w{world}-r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _requests(srv: FakeLLM, model: str) -> list[str]:
+    return [b["messages"][-1]["content"] for b in srv.bodies if b["model"] == model]
+
+
+def test_two_processes_ask_each_question_once_and_vote_as_one(tmp_path, toy_reference):
+    from oracles.judges import JudgeCache
+
+    model, tok = toy_reference
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    srv = FakeLLM("openai", lower_gold_wins)
+    try:
+        for world in (1, 2):
+            mp.spawn(_worker, args=(world, str(tmp_path / f"rdzv{world}"), str(tmp_path / "model"), str(tmp_path),
+                                    srv.base_url), nprocs=world, join=True)
+    finally:
+        srv.stop()
+    one = torch.load(tmp_path / "w1-r0.pt", weights_only=False)
+    two = [torch.load(tmp_path / f"w2-r{r}.pt", weights_only=False) for r in (0, 1)]
+
+    # the same votes on every rank as on one process (some better, some not), the same head
+    votes = one["free"]["votes"]
+    assert len(votes) > STEPS and all(t["free"]["votes"] == votes for t in two)
+    flat = [v for step in votes for v in step]
+    print("DEBUG", flat, one["free"]["calls"], one["budget"], [len(t["limited"]["asked"]) for t in two], [len(t["free"]["asked"]) for t in two])
+    assert flat.count(-1) > 0
+    assert all(t["free"]["head"].numpy().tobytes() == one["free"]["head"].numpy().tobytes() for t in two)
+    assert not torch.equal(one["free"]["head"], model.get_output_embeddings().weight.float())
+
+    # the judge saw the same questions; each rank asked its own, none asked twice or by both
+    asked = [collections.Counter(t["free"]["asked"]) for t in two]
+    assert asked[0] + asked[1] == collections.Counter(one["free"]["asked"])
+    assert not set(asked[0]) & set(asked[1])
+    # ... although some questions came up in both ranks' candidates of a step
+    shared = 0
+    for mine, theirs in zip(two[0]["free"]["collected"], two[1]["free"]["collected"]):
+        shared += len({q[1:] for q in mine if q[2] != q[3]} & {q[1:] for q in theirs if q[2] != q[3]})
+    assert shared > 0
+    for world in (1, 2):
+        sent = _requests(srv, f"free-w{world}")
+        assert len(sent) == len(set(sent)) == sum(one["free"]["calls"])
+        with JudgeCache(tmp_path / f"free-w{world}.sqlite") as c:
+            assert len(c) == len(sent)
+    assert set(_requests(srv, "free-w1")) == set(_requests(srv, "free-w2"))
+    assert all(t["free"]["calls"] == one["free"]["calls"] for t in two)  # logged counters are global
+
+    # a budget one call short of step 2 pauses both runs before step 2, having sent exactly it
+    assert one["budget"] == two[0]["budget"] == two[1]["budget"]
+    assert one["limited"]["paused"] == 1 and all(t["limited"]["paused"] == 1 for t in two)
+    per_rank = [len(t["limited"]["asked"]) for t in two]
+    assert max(per_rank) < one["budget"]  # a per-process budget would not have run out
+    for world in (1, 2):
+        assert len(_requests(srv, f"budget-w{world}")) == one["budget"]
+
+
+def _cache_writer(rank: int, world: int, path: str, n: int) -> None:
+    from oracles.judges import JudgeCache
+
+    with JudgeCache(path) as c:
+        for i in range(n):
+            c.put(f"r{rank}-{i}", kind="openai", model="m", raw=f"Verdict: A {rank} {i}", verdict="A")
+            assert c.get(f"r{rank}-{i}").raw == f"Verdict: A {rank} {i}"
+
+
+def test_the_cache_takes_writes_from_several_processes(tmp_path):
+    from oracles.judges import JudgeCache
+
+    path = str(tmp_path / "shared.sqlite")
+    mp.spawn(_cache_writer, args=(3, path, 150), nprocs=3, join=True)
+    with JudgeCache(path) as c:
+        rows = c.rows()
+    assert len(rows) == 450 and {r["key"] for r in rows} == {f"r{r}-{i}" for r in range(3) for i in range(150)}
+
+
+def lower_gold_wins(n, user_text):
+    first, second = (toy.gold_score(t) for t in shown_texts(user_text))
+    return Act("Verdict: A" if first < second else "Verdict: B" if second < first else "Verdict: tie")
