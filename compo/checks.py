@@ -173,11 +173,16 @@ def check_checkpoints(ws) -> None:
         state = read_json(last / "trainer_state.json", required=("step",))
         check_step(last / "trainer_state.json", state["step"], 1, _stage1_total(ws, last / "trainer_state.json", state), "stage-1")
         weights = last / "model.safetensors"
-        if not weights.exists():
+        from compo.stage1_dist import sharded_checkpoint
+
+        sharded = sharded_checkpoint(last)  # FSDP / DeepSpeed wrote their own model files (accelerate reads them)
+        if not weights.exists() and not sharded:
             raise CheckpointError(weights, "missing: the checkpoint is incomplete")
         from compo import lora
 
-        if lora.enabled(ws.cfg):  # a LoRA checkpoint holds the adapter tensors alone
+        if sharded:
+            pass
+        elif lora.enabled(ws.cfg):  # a LoRA checkpoint holds the adapter tensors alone
             _tensor_file(weights, lora.adapter_shapes(ws.model, ws.cfg.stage1.peft))
         else:
             _tensor_file(weights, sd_shapes, exact=False)

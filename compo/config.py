@@ -8,6 +8,7 @@ allowed values.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compo.errors import UserError, one_line
 
-SECRET_MARKERS = ("api_key", "secret", "password", "token_value", "auth")
+#: A key is secret when one of its words (split at ``_ - .`` and camelCase) is one of these, or its
+#: last word is ``key`` (``api_key``, ``hf_key``, ``X-Api-Key``) ...
+SECRET_MARKERS = ("token", "secret", "secrets", "password", "passwd", "credential", "credentials", "auth",
+                  "authorization", "apikey", "cookie", "bearer")
+#: ... unless its last word says it holds a name, a path or a count, never the secret itself
+#: (``api_key_env``, ``api_key_file``, ``token_param``, ``pad_token_id``; ``max_tokens`` has no marker).
+SECRET_EXEMPT_LAST = ("env", "file", "path", "param", "id")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_URL_QUERY = re.compile(r"([?&])([^=&#\s]+)=([^&#\s]*)")
 #: ``report_to`` names: accelerate's tracker types (each needs its own package, see compo/tracking.py).
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -216,6 +225,7 @@ class LoggingConfig(_Section):
     progress_steps: int = Field(0, ge=0, description="Off a terminal: a progress line every N steps (0 = by time alone).")
     progress_seconds: float = Field(30.0, ge=0, description="Off a terminal: a progress line when this many seconds passed since the last (0 = by steps alone).")
     project: str = Field("compo", min_length=1, description="Tracker project name (wandb, mlflow, comet_ml, ...).")
+    run_name: Optional[str] = Field(None, min_length=1, description="Tracker run name (wandb, mlflow, trackio, swanlab, clearml); None = the run directory's name.")
     tracker_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Keyword arguments per tracker, e.g. {wandb: {entity: me, tags: [a]}}.")
 
     @field_validator("tracker_options")
@@ -372,15 +382,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"invalid config ({one_line(e, 200)})", origin) from None
 
 
+def secret_key(key: Any) -> bool:
+    """Whether a config key names a secret (see :data:`SECRET_MARKERS`)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower()) if w]
+    if not words or words[-1] in SECRET_EXEMPT_LAST:
+        return False
+    return words[-1] == "key" or any(w in SECRET_MARKERS for w in words)
+
+
+def _redact_text(text: str) -> str:
+    """A string with URL credentials removed: ``https://user:pw@host`` -> ``https://***@host``,
+    and secret query parameters (``?token=...``) -> ``***``."""
+    if "://" not in text:
+        return text
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _URL_QUERY.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] and secret_key(m[2]) else m[0], text)
+
+
 def redact(obj: Any) -> Any:
-    """Copy of a config dict with secret-looking values replaced (never dump API keys)."""
+    """Copy of a config dict with secret values replaced by ``***`` (never dump API keys, tokens,
+    passwords), and credentials removed from URL-like strings anywhere in it."""
     if isinstance(obj, dict):
-        return {
-            k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and not str(k).endswith("_env") and v else redact(v))
-            for k, v in obj.items()
-        }
+        return {k: ("***" if v and secret_key(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _redact_text(obj)
     return obj
 
 
@@ -399,4 +426,15 @@ def reference_table(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[
             continue
         default = field.get_default(call_default_factory=True)
         rows.append((key, repr(default), field.description or ""))
+        section = _optional_section(ann)
+        if section is not None:  # e.g. stage1.peft: null by default, its keys once it is set
+            rows.extend(reference_table(section, key + "."))
     return rows
+
+
+def _optional_section(ann: Any) -> type[BaseModel] | None:
+    """The section of an ``Optional[<section>]`` field (``stage1.peft``, ``zo.accept_oracle``)."""
+    args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None

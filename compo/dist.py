@@ -113,3 +113,14 @@ def leave_distributed() -> None:
     """Destroy the process group (what :func:`init_distributed` made)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class Ranks:
+    """The processes of a run as an oracle's collective step sees them (oracles.generation.RankGroup):
+    world size, rank, and a sum of CPU tensors over all ranks, communicated on ``device``."""
+
+    def __init__(self, world: int, rank: int, device: torch.device):
+        self.world, self.rank, self.device = world, rank, comm_device(device)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, self.device).cpu()

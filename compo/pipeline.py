@@ -16,13 +16,13 @@ from compo.config import RunConfig
 from compo.encode import Encoded, EncodeResult
 from compo.errors import Diverged, UserError
 from compo.dist import world_info
-from compo.evaluate import bootstrap_means, paired_differences, with_intervals
 from compo.logprobs import PairScores, score_pairs
 from compo.rows import PairRow
-from compo.rundir import atomic_write_json, is_writer, read_json, write_jsonl
+from compo.rundir import is_writer, write_jsonl
 from compo.noise import PairNoise, apply_to_pairs, label_quality, pair_noise, swap_pairs
 from compo.split import calibration, calibration_text, histogram, margins_of, noisy_mask, summarize
-from compo.workspace import Workspace, load_data, say, stage_marker  # noqa: F401 - re-exported
+from compo.heldout import evaluate, fmt_metrics, paired_effect, saved_eval
+from compo.workspace import Workspace, say, stage_marker
 from compo.workspace import open_workspace as _open
 
 
@@ -273,55 +273,6 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
 # ---------------------------------------------------------------- evaluation
 
 
-def _saved_eval(ws: Workspace, label: str, sources: list[str]) -> PairScores | None:
-    """Held-out scores of ``label`` kept in eval_scores.json for the same held-out pairs."""
-    if not ws.run.eval_scores.exists():
-        return None
-    saved = read_json(ws.run.eval_scores)
-    if saved.get("sources") != sources or label not in saved:
-        return None
-    return PairScores.from_json(saved[label])
-
-
-def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reuse: bool = False) -> tuple[dict, PairScores | None]:
-    """Preference metrics (with bootstrap intervals) of the current model on the held-out pairs;
-    their per-pair log-probs are kept in eval_scores.json under ``label`` (and, with ``reuse``,
-    read back from there instead of scoring again)."""
-    if not ws.eval:
-        return {}, None
-    cfg = ws.cfg
-    enc = ws.encode(ws.eval)
-    if enc.n_dropped and label == "reference":
-        say(f"eval: dropped {enc.n_dropped} of {len(ws.eval)} held-out pairs whose prompt exceeds "
-            f"data.max_prompt_length={cfg.data.max_prompt_length}")
-    sources = [ws.eval[it.index].source for it in enc.items]
-    scores = _saved_eval(ws, label, sources) if reuse else None
-    if scores is not None:
-        say(f"eval {label}: reusing the held-out scores in {ws.run.eval_scores}")
-    else:
-        scores = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, desc=f"eval {label}".strip(),
-                             distributed=True)
-    out = with_intervals(scores, ref, cfg.stage1.beta, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
-    out["n_pairs"], out["n_dropped"] = len(enc.items), enc.n_dropped
-    if label and world_info()[1] == 0:
-        saved = read_json(ws.run.eval_scores) if ws.run.eval_scores.exists() else {}
-        if saved.get("sources") != sources:
-            saved = {"sources": sources}
-        saved[label] = scores.to_json()
-        atomic_write_json(ws.run.eval_scores, saved)
-    return out, scores
-
-
-def _fmt(m: dict, keys=("accuracy", "shift/chosen", "shift/rejected")) -> str:
-    ci = m.get("ci", {})
-    parts = []
-    for k in keys:
-        if k in m:
-            lo, hi = ci.get(k, (None, None))
-            parts.append(f"{k}={m[k]:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and lo == lo else ""))
-    return ", ".join(parts)
-
-
 def run_pipeline(cfg: RunConfig, resume: bool = False, force_resume: bool = False) -> dict:
     """split -> stage 1 -> stage 2 -> evaluation, all into cfg.run_dir; returns summary.json."""
     t0 = time.time()
@@ -376,16 +327,16 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
     before, ref_eval = evaluate(ws, label="reference", reuse=ws.saved_split is not None)
     evals = {"reference": before}
     if before:
-        say(f"eval reference: {_fmt(before)}")
+        say(f"eval reference: {fmt_metrics(before)}")
     done = _resume_finished(ws)
     if cfg.stage1.enabled and done is None:
         run_stage1(ws, split, ws.resume)
     if cfg.stage1.enabled and done == "stage2":
         evals["stage1"] = ws.run.summary().get("eval", {}).get("stage1", {})
-        s1 = _saved_eval(ws, "stage1", [ws.eval[it.index].source for it in ws.encode(ws.eval).items]) if ws.eval else None
+        s1 = saved_eval(ws, "stage1", [ws.eval[it.index].source for it in ws.encode(ws.eval).items]) if ws.eval else None
     elif cfg.stage1.enabled:
         evals["stage1"], s1 = evaluate(ws, ref_eval, "stage1", reuse=done == "stage1")
-        say(f"eval after stage1: {_fmt(evals['stage1'])}")
+        say(f"eval after stage1: {fmt_metrics(evals['stage1'])}")
         ws.run.update_summary(eval=evals)
     if cfg.zo.enabled and split is not None:
         from compo.zo.run import run_stage2
@@ -393,7 +344,7 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
         if done != "stage2":
             run_stage2(ws, split, ws.resume)
         evals["stage2"], s2 = evaluate(ws, ref_eval, "stage2")
-        say(f"eval after stage2: {_fmt(evals['stage2'])}")
+        say(f"eval after stage2: {fmt_metrics(evals['stage2'])}")
         if s1 is not None and s2 is not None:
             evals["stage2_effect"] = paired_effect(s1, s2, ref_eval, cfg)
     from compo.tracking import log_eval
@@ -403,16 +354,6 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
     summary = ws.run.update_summary(eval=evals, **session_wall(ws, t0), **extra)
     print_summary(summary)
     return summary
-
-
-def paired_effect(before: PairScores, after: PairScores, ref: PairScores, cfg: RunConfig) -> dict:
-    """Stage 2's own effect: per held-out pair, the metric after stage 2 minus after stage 1, with
-    a paired bootstrap interval (``ci``), in the format of the other ``eval`` entries."""
-    diff = paired_differences(before, after, ref, cfg.stage1.beta)
-    out = {k: float(v.mean()) for k, v in diff.items()}
-    if cfg.eval.bootstrap:
-        out["ci"] = {k: list(v) for k, v in bootstrap_means(diff, cfg.eval.bootstrap, cfg.eval.level, cfg.seed).items()}
-    return out
 
 
 def print_summary(summary: dict) -> None:

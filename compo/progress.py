@@ -5,11 +5,13 @@ and a command's final line, :data:`NORMAL` adds informational messages and progr
 :data:`VERBOSE` also a progress line per step (off a terminal) and the Hugging Face libraries' own
 progress bars (on one). Progress is a tqdm bar when stderr is a terminal; otherwise one plain line
 every ``steps`` steps or ``seconds`` seconds plus a closing line, never carriage-return frames.
-Messages print on the main process only (``RANK`` 0).
+Messages print on the main process only (``RANK`` 0). Warnings logged by the judges and oracles
+(logger ``oracles``) print through :func:`warn` too, as ``warning: ...``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -49,7 +51,12 @@ def configure(steps: int | None = None, seconds: float | None = None) -> None:
 
 
 def main_process() -> bool:
-    """Whether this is the main process (``RANK`` 0, or no launcher)."""
+    """Whether this is the main process: rank 0 of torch.distributed once it runs, else the
+    launcher's ``RANK`` (0 or unset), so messages before the group is joined print once too."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     return os.environ.get("RANK", "0") in ("", "0")
 
 
@@ -62,6 +69,29 @@ def say(msg: str, level: int = NORMAL) -> None:
 def warn(msg: str) -> None:
     """``warning: msg``, printed at every verbosity (``--quiet`` included)."""
     say(f"warning: {msg}", QUIET)
+
+
+class _OracleWarnings(logging.Handler):
+    """The judges and oracles log their warnings (and non-fatal errors) on the ``oracles``
+    logger, which keeps that package free of compo's console; this prints them with
+    :func:`warn`, so a run has one warning format on one stream. Records still propagate."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            warn(record.getMessage())
+        except Exception:  # noqa: BLE001 - a log line must never break a run
+            self.handleError(record)
+
+
+def _route_oracle_warnings() -> None:
+    logger = logging.getLogger("oracles")
+    if not any(h.get_name() == "compo.progress" for h in logger.handlers):
+        handler = _OracleWarnings(logging.WARNING)
+        handler.set_name("compo.progress")
+        logger.addHandler(handler)
+
+
+_route_oracle_warnings()  # on import: every compo entry point imports this module
 
 
 def result(msg: str) -> None:

@@ -194,10 +194,10 @@ def atomic_save_dir_all(target: str | Path, save: Callable[[Path], Any]) -> None
 
 
 def is_writer() -> bool:
-    """Whether this process writes the run directory: rank 0 of torch.distributed (or the only one)."""
-    from compo.dist import world_info
+    """Whether this process writes the run directory: the main process (see compo.progress)."""
+    from compo.progress import main_process
 
-    return world_info()[1] == 0
+    return main_process()
 
 
 def clean_dir_leftovers(folder: Path, restore_only: bool = False) -> list[str]:

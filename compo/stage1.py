@@ -131,10 +131,6 @@ def _check_finite(step: int, what: str, value: float, last: Path | None) -> None
                    "lower stage1.learning_rate (or check the data), then rerun (or --resume --force-resume)")
 
 
-def _params_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 def train_stage1(
     model, tokenizer, data: Stage1Data, cfg: RunConfig, run: RunDir, objective: Callable,
     resume: bool = False, hooks: dict | None = None, progress: bool = True,
@@ -159,10 +155,10 @@ def train_stage1(
     world, rank = accelerator.num_processes, accelerator.process_index
     ckpt_root = run.checkpoints / "stage1"
     last = latest_checkpoint(ckpt_root) if resume else None
-    state = read_json(last / "trainer_state.json", required=("step",)) if last is not None else None
-    per_step, total = step_schedule(len(data.items), cfg, world, sd.rows_per_step(cfg, world, state))
-    sd.prepare_accumulation(accelerator, s1, sd.check_rows(last / "trainer_state.json" if last else run.checkpoints,
-                                                           per_step, s1.batch_size, world))
+    state_file = last / "trainer_state.json" if last is not None else None
+    state = read_json(state_file, required=("step",)) if state_file is not None else None
+    per_step, total = step_schedule(len(data.items), cfg, world, sd.rows_per_step(cfg, world, state))  # resume: as saved
+    sd.prepare_accumulation(accelerator, s1, sd.check_rows(state_file or ckpt_root, per_step, s1.batch_size, world))
     warmup = int(s1.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: min(1.0, (t + 1) / warmup) if warmup else 1.0
@@ -177,7 +173,7 @@ def train_stage1(
     from compo.checks import check_step
 
     if last is not None:
-        start = check_step(last / "trainer_state.json", state["step"], 1, total, "stage-1")
+        start = check_step(state_file, state["step"], 1, total, "stage-1")
         try:
             accelerator.load_state(str(last))
             if "state" in hooks and state.get("objective_state") is not None:
@@ -230,7 +226,7 @@ def train_stage1(
                     shown[label] = f"{metrics[key]:.3f}"
             bar.set_postfix(shown)
         if s1.save_steps and (step + 1) % s1.save_steps == 0 and step + 1 < total:
-            if not _params_finite(model):
+            if not sd.params_finite(model, accelerator):
                 _check_finite(step + 1, "weights", float("nan"), last)
             _save_checkpoint(accelerator, ckpt_root / f"step-{step + 1}", step + 1, hooks, per_step)
             last = ckpt_root / f"step-{step + 1}"
@@ -239,7 +235,7 @@ def train_stage1(
     full = sd.full_state_dict(accelerator, model)  # FSDP / ZeRO-3: gathered on every process
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
-    if not _params_finite(unwrapped):
+    if not sd.params_finite(unwrapped, accelerator):
         _check_finite(total, "weights", float("nan"), last)
     unwrapped = lora.finish(unwrapped, cfg, run, accelerator.is_main_process)  # LoRA: adapter saved, merged
     if accelerator.is_main_process:

@@ -119,3 +119,17 @@ def reduce_mean(values: list[float], accelerator) -> list[float]:
     if accelerator.num_processes == 1:
         return t.tolist()
     return accelerator.reduce(t.to(accelerator.device), "mean").cpu().tolist()
+
+
+def params_finite(model, accelerator) -> bool:
+    """Whether every process's weights (its shards, under FSDP) are finite; all processes agree."""
+    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if accelerator.num_processes == 1:
+        return ok
+    bad = accelerator.reduce(torch.tensor([0 if ok else 1], device=accelerator.device), "sum")
+    return int(bad.item()) == 0
+
+
+def sharded_checkpoint(path: Path) -> bool:
+    """Whether a stage-1 checkpoint holds FSDP's or DeepSpeed's own model files (not model.safetensors)."""
+    return any(Path(path).glob("pytorch_model_fsdp*")) or (Path(path) / "pytorch_model").is_dir()

@@ -7,6 +7,10 @@ TRL run reports: stage 1 as ``train/<metric>`` at its optimizer step (``train/lo
 ``eval/<model>/<metric>``. The redacted run config is stored once (tensorboard: hparams and a
 ``config`` text; others: accelerate's ``store_init_configuration``). Trackers run on the main
 process only and are closed when the workspace closes (or at exit after a failure).
+
+``run_dir/tensorboard/`` mirrors metrics.jsonl: it is rewritten from metrics.jsonl when a command
+starts and whenever a stage cuts metrics.jsonl back (a fresh stage drops the old records, a
+resumed one those after its checkpoint), so no step is ever in the event files twice.
 """
 
 from __future__ import annotations
@@ -14,21 +18,25 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import math
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from compo.config import RunConfig, redact
 from compo.errors import UserError
 from compo.progress import main_process, warn
-from compo.rundir import RunDir, describe_exc
+from compo.rundir import RunDir, describe_exc, read_jsonl
 
 #: record stage -> (metric prefix, the step's own metric for trackers that need one, wandb)
 GROUPS = {"stage1": ("train/", "train/global_step"), "stage2": ("stage2/", "stage2/step"),
           "eval": ("eval/", "eval/step")}
 EXTRAS = ("tensorboard", "wandb")  # compo's pip extras of the same name
 TB_DIR = "tensorboard"  # run_dir/tensorboard: `tensorboard --logdir runs/` shows every run
+#: the keyword of each tracker's own run name (logging.run_name); the others have none
+RUN_NAME_KWARG = {"wandb": "name", "mlflow": "run_name", "trackio": "name", "swanlab": "experiment_name",
+                  "clearml": "task_name"}
 
 
 def pip_name(tracker: str) -> str:
@@ -36,12 +44,27 @@ def pip_name(tracker: str) -> str:
 
 
 def check(cfg: RunConfig) -> None:
-    """Every ``report_to`` tracker's package is importable (before any work is done)."""
+    """Before any work: options are only given for ``report_to`` trackers, and every one of them
+    has its package installed and a tracker class in the installed accelerate."""
+    for name in cfg.logging.tracker_options:
+        if name not in cfg.report_to:
+            raise UserError(f"logging.tracker_options.{name}", f"options for the {name} tracker, which is not in "
+                            f"report_to ({', '.join(cfg.report_to) or 'none'}): add {name} to report_to or "
+                            "remove these options")
     for name in cfg.report_to:
         if importlib.util.find_spec(name) is None:
             extra = f" (or pip install 'compo[{name}]')" if name in EXTRAS else ""
             raise UserError("report_to", f"the {name} tracker needs the {pip_name(name)} package, which is not "
                             f"installed: pip install {pip_name(name)}{extra}")
+    if cfg.report_to:
+        import accelerate
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        for name in cfg.report_to:
+            if name not in LOGGER_TYPE_TO_CLASS:
+                raise UserError("report_to", f"the installed accelerate {accelerate.__version__} has no {name} "
+                                f"tracker (it has {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}): "
+                                "pip install -U accelerate")
 
 
 def config_values(cfg: RunConfig) -> dict[str, Any]:
@@ -75,15 +98,19 @@ def record_values(record: dict) -> tuple[str, dict[str, float], int]:
 
 def _build(name: str, cfg: RunConfig, root: Path):
     """One accelerate tracker, constructed as ``Accelerator.init_trackers`` does (project name,
-    then the logging directory when the tracker needs one), then started."""
+    then the logging directory when the tracker needs one), then started. tensorboard starts
+    on an empty ``run_dir/tensorboard/`` (see :meth:`Trackers.replay`)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     cls = LOGGER_TYPE_TO_CLASS[name]
     opts = dict(cfg.logging.tracker_options.get(name, {}))
+    if name in RUN_NAME_KWARG:
+        opts = {RUN_NAME_KWARG[name]: cfg.logging.run_name or root.name, **opts}
     if name == "tensorboard":
+        shutil.rmtree(root / TB_DIR, ignore_errors=True)  # event files of an earlier command in this run dir
         tracker = cls(TB_DIR, str(root), **opts)
     elif name == "wandb":
-        tracker = cls(cfg.logging.project, **{"name": root.name, "dir": str(root), **opts})
+        tracker = cls(cfg.logging.project, **{"dir": str(root), **opts})
     elif cls.requires_logging_directory:
         tracker = cls(cfg.logging.project, str(root), **opts)
     else:
@@ -96,10 +123,13 @@ def _build(name: str, cfg: RunConfig, root: Path):
 
 class Trackers:
     """The started trackers of one run; a tracker that fails to log is dropped with a warning
-    (metrics.jsonl keeps every record)."""
+    (metrics.jsonl keeps every record). ``rebuild(name)`` starts a tracker afresh (tensorboard,
+    when metrics.jsonl is cut back: see :meth:`rewind`)."""
 
-    def __init__(self, trackers: list):
+    def __init__(self, trackers: list, rebuild: Callable[[str], Any] | None = None):
         self.trackers = list(trackers)
+        self.rebuild = rebuild
+        self.config: dict[str, Any] | None = None
         if any(t.name == "wandb" for t in self.trackers):
             run = next(t for t in self.trackers if t.name == "wandb").tracker
             for prefix, step_key in GROUPS.values():  # stage 2 restarts at step 1: one step axis per group
@@ -107,8 +137,43 @@ class Trackers:
                 run.define_metric(prefix + "*", step_metric=step_key)
 
     def store_config(self, values: dict[str, Any]) -> None:
+        self.config = values
         for t in list(self.trackers):
             self._call(t, self._store, t, values)
+
+    def replay(self, records: list[dict]) -> None:
+        """Write metrics.jsonl's ``records`` into the tensorboard event files (just started, so
+        empty): the other trackers keep their own history (a wandb run per command)."""
+        for t in [t for t in self.trackers if t.name == "tensorboard"]:
+            self._call(t, self._replay, t, records)
+
+    @staticmethod
+    def _replay(t, records: list[dict]) -> None:
+        for rec in records:
+            if rec.get("stage") in GROUPS:
+                _, values, step = record_values(rec)
+                for k, v in values.items():
+                    t.writer.add_scalar(k, v, global_step=step)
+        t.writer.flush()
+
+    def rewind(self, records: list[dict]) -> None:
+        """metrics.jsonl now holds ``records`` alone (a stage starts again): tensorboard's event
+        files, which cannot drop points, are written anew from them."""
+        for i, t in enumerate(list(self.trackers)):
+            if t.name != "tensorboard" or self.rebuild is None:
+                continue
+            self._finish(t)
+            try:
+                self.trackers[self.trackers.index(t)] = fresh = self.rebuild(t.name)
+            except Exception as e:  # noqa: BLE001 - as a failing log: switch it off, keep training
+                warn(f"the {t.name} tracker could not restart and is switched off for this run "
+                     f"({describe_exc(e)}); metrics.jsonl still has every record")
+                self.trackers.remove(t)
+                continue
+            if self.config is not None:
+                self._call(fresh, self._store, fresh, self.config)
+            if fresh in self.trackers:
+                self._call(fresh, self._replay, fresh, records)
 
     @staticmethod
     def _store(t, values: dict[str, Any]) -> None:
@@ -184,8 +249,9 @@ def attach(run: RunDir, cfg: RunConfig, cpu: bool = True) -> Trackers | None:
         for t in started:
             Trackers._finish(t)
         raise
-    trackers = Trackers(started)
+    trackers = Trackers(started, rebuild=lambda name: _build(name, cfg, run.root))
     trackers.store_config(config_values(cfg))
+    trackers.replay(read_jsonl(run.metrics) if run.metrics.exists() else [])
     run.trackers = trackers
     atexit.register(trackers.close)
     return trackers

@@ -135,14 +135,18 @@ class GenerationOracle(Oracle):
         asked = ([q.prompt for _, q in mine], [q.a for _, q in mine], [q.b for _, q in mine])
         budget = self._shared_budget() if world > 1 else None
         spent0 = budget.spent() if budget is not None else {"calls": 0, "tokens": 0}
-        if budget is not None:
-            self._take_share(budget, group, *asked)
         codes = torch.zeros(slots, dtype=torch.int64)
         failure: Exception | None = None
+        try:  # a failure must reach the other ranks (in the sum below), or they would wait forever
+            need = self.judge.requests_needed(*asked) if budget is not None and mine else 0
+        except Exception as e:
+            need, failure = 0, e
+        if budget is not None:
+            self._take_share(budget, group, need)
         try:
-            for (s, _), v in zip(mine, self.judge.judge(*asked) if mine else []):
+            for (s, _), v in zip(mine, self.judge.judge(*asked) if mine and failure is None else []):
                 codes[s] = _CODE[v.verdict]
-        except Exception as e:  # the other ranks must hear of it, or they wait in the sum below
+        except Exception as e:
             if world == 1:
                 raise
             failure = e
@@ -180,10 +184,11 @@ class GenerationOracle(Oracle):
             return budget
         return None
 
-    def _take_share(self, budget: Budget, group: RankGroup, prompts, resp_a, resp_b) -> None:
-        """This rank's share of the requests the budget has left: ranks claim their needs in rank
-        order, so the round sends min(left, total need) requests, as one process would."""
-        need = self.judge.requests_needed(prompts, resp_a, resp_b)
+    @staticmethod
+    def _take_share(budget: Budget, group: RankGroup, need: int) -> None:
+        """This rank's share of the requests the budget has left: ranks claim their needs (the
+        requests their questions would send) in rank order, so the round sends min(left, total
+        need) requests, as one process would."""
         needs = torch.zeros(group.world, dtype=torch.int64)
         needs[group.rank] = need
         needs = group.sum(needs).tolist()

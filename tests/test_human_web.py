@@ -89,7 +89,7 @@ def _lines(path) -> list[dict]:
 
 PROMPTS = [f"question {i}" for i in range(6)]
 A = ["a good answer", "meh", "good, surely", "so-so", "fine", "a good one"]
-B = ["meh", "a good reply", "nope", "good enough", "fine", "bad"]
+B = ["meh", "a good reply", "nope", "good enough", "also fine", "bad"]
 EXPECTED = ["A", "B", "A", "B", "tie", "A"]
 
 
@@ -99,19 +99,20 @@ def test_http_answers_map_back_dedupe_and_url_printed_once(tmp_path):
     out = io.StringIO()
     judge = build_judge("human_web", record_path=tmp_path / "h.jsonl", seed=1, output=out)
     assert isinstance(judge, WebHumanJudge) and "human_web" in available_judges()
-    # the batch repeats pair 0 and asks pair 1 the other way round: each is put once
-    prompts, a, b = PROMPTS + PROMPTS[:2], A + [A[0], B[1]], B + [B[0], A[1]]
+    # the batch repeats pair 0 and asks pair 1 the other way round: each is put once; the last
+    # pair's responses are identical: a tie, never put to the person
+    prompts, a, b = PROMPTS + PROMPTS[:2] + ["twins"], A + [A[0], B[1], "same"], B + [B[0], A[1], "same"]
     run = Background(judge, prompts, a, b)
     for i in range(6):
         q = _asking(judge)
         status, state = _request(judge.url + "api/answer", {"id": q["id"], "answer": _good_side(q["left"], q["right"])})
         assert status == 200 and state["batch"] == {"answered": i + 1, "remaining": 5 - i, "total": 6}
-    assert [j.verdict for j in run.wait()] == EXPECTED + ["A", "A"]
+    assert [j.verdict for j in run.wait()] == EXPECTED + ["A", "A", "tie"]
     records = _lines(tmp_path / "h.jsonl")
     assert [r["key"] for r in records] == [pair_key(*t) for t in zip(PROMPTS, A, B)]
     assert {r["shown_swapped"] for r in records} == {True, False}  # the shuffle did shuffle
     s = judge.stats()
-    assert (s["calls"], s["cache_hits"], s["abstentions"]) == (6, 2, 0)
+    assert (s["calls"], s["cache_hits"], s["abstentions"], s["identical_ties"]) == (6, 2, 0, 1)
     assert _state(judge)["status"] == "waiting" and _state(judge)["on_record"] == 6
 
     run = Background(judge, ["another"], ["x"], ["y good"])  # a second batch: same server, no new URL
@@ -168,6 +169,25 @@ def test_a_record_that_cannot_be_written_stops_the_judge(tmp_path, monkeypatch):
     run.thread.join(TIMEOUT)
     assert isinstance(run.error, JudgeError) and "No space left" in str(run.error)
     judge.close()
+
+
+def test_a_server_open_to_the_network_warns_once(tmp_path, capsys, monkeypatch):
+    from compo import progress
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(progress._settings, "level", progress.QUIET)
+    capsys.readouterr()
+    local = WebHumanJudge(tmp_path / "local.jsonl", output=io.StringIO())
+    local.start()
+    local.close()
+    assert capsys.readouterr().out == ""  # loopback: no warning
+    judge = WebHumanJudge(tmp_path / "h.jsonl", host="0.0.0.0", output=io.StringIO())
+    url = judge.start()
+    assert judge.start() == url  # already running: no second warning
+    judge.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: human_web judge: listening on 0.0.0.0, not a loopback")
+    assert url in lines[0] and "no login" in lines[0]
 
 
 def test_options_are_validated(tmp_path):

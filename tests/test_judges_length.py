@@ -53,8 +53,13 @@ def test_default_request_is_bounded_by_a_max_tokens_only_server(server):
     assert out[0].verdict == "abstain" and s["no_verdict"] == 1  # cut before its verdict, as asked
 
 
-def test_max_completion_tokens_alone_is_ignored_and_the_overrun_reported(server, caplog):
+def test_max_completion_tokens_alone_is_ignored_and_the_overrun_reported(server, caplog, capsys, monkeypatch):
+    from compo import progress
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(progress._settings, "level", progress.QUIET)  # warnings print even under --quiet
     caplog.set_level(logging.WARNING, logger="oracles.judges.api")
+    capsys.readouterr()
     with _judge(server, token_param="max_completion_tokens") as j:
         out = j.judge(["p", "q"], ["a", "a"], ["b", "b"])
         s = j.stats()
@@ -63,6 +68,10 @@ def test_max_completion_tokens_alone_is_ignored_and_the_overrun_reported(server,
     assert (s["output_tokens"], s["length_overruns"]) == (2 * LONG, 2)
     warnings = [r.getMessage() for r in caplog.records if "exceeds max_output_tokens=8" in r.getMessage()]
     assert len(warnings) == 1 and "token_param: both" in warnings[0]  # logged once per judge
+    # ... and printed once, as compo prints its own warnings: prefixed, on stdout, nothing on stderr
+    printed = capsys.readouterr()
+    assert [ln for ln in printed.out.splitlines() if "max_output_tokens" in ln] == [f"warning: {warnings[0]}"]
+    assert "max_output_tokens" not in printed.err
 
 
 @pytest.mark.parametrize("token_param, sent", [

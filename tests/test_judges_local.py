@@ -349,27 +349,28 @@ def test_human_judge_records_and_resumes(tmp_path):
     prompts = [f"question number {i}" for i in range(8)]
     a = [("a good long answer " * 6) if i % 2 == 0 else "plain answer" for i in range(8)]
     b = ["plain answer" if i % 2 == 0 else "a good answer" for i in range(8)]
-    b[7] = a[7] = "same answer"
+    b[7] = a[7] = "same answer"  # two copies of one text: a tie, never put to the person
     verdicts = [j.verdict for j in judge.judge(prompts, a, b)]
     assert verdicts == ["A", "B", "A", "B", "A", "B", "A", "tie"]
-    assert reader.asked == 8
+    assert reader.asked == 7 and "question number 7" not in out.getvalue()
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["verdict"] for r in records] == verdicts
+    assert [r["verdict"] for r in records] == verdicts[:7]  # the identical pair is not recorded
     assert {r["shown_swapped"] for r in records} == {True, False}  # the seeded shuffle did shuffle
     assert all(r["key"] == pair_key(p, x, y) for r, p, x, y in zip(records, prompts, a, b))
     assert " | " in out.getvalue() and "question number 0" in out.getvalue()
     s = judge.stats()
-    assert (s["calls"], s["cache_hits"], s["abstentions"]) == (8, 0, 0)
+    assert (s["calls"], s["cache_hits"], s["abstentions"], s["identical_ties"]) == (7, 0, 0, 1)
 
     # a new judge on the same file answers from the record without asking
     again = HumanJudge(path, input_fn=_never, output=io.StringIO(), seed=3)
     assert [j.verdict for j in again.judge(prompts, a, b)] == verdicts
-    assert again.stats()["cache_hits"] == 8
+    s = again.stats()
+    assert (s["calls"], s["cache_hits"], s["identical_ties"]) == (0, 7, 1)
     # the same pair with the responses the other way round is reused, labels flipped
     assert again.judge(prompts[:2], b[:2], a[:2])[0].verdict == "B"
 
 
-def test_human_judge_skip_tie_quit_and_bad_input(tmp_path):
+def test_human_judge_skip_tie_quit_and_bad_input(tmp_path, capsys, monkeypatch):
     path = tmp_path / "human.jsonl"
     out = io.StringIO()
     answers = iter(["what?", "", "SKIP", "Tie", "q"])
@@ -383,10 +384,16 @@ def test_human_judge_skip_tie_quit_and_bad_input(tmp_path):
     assert (s["calls"], s["abstentions"]) == (2, 0)  # the quit returned no judgement to abstain with
 
     # resume: only the third pair is asked; the file tolerates a torn last line
+    from compo import progress
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(progress._settings, "level", progress.QUIET)
     with open(path, "a") as f:
         f.write('{"key": "torn", "verd')
     asked = []
+    capsys.readouterr()
     resumed = HumanJudge(path, input_fn=lambda q: asked.append(q) or "right", output=io.StringIO())
+    assert capsys.readouterr().out == f"warning: human judge: ignored 1 unreadable line(s) in {path}\n"
     out3 = resumed.judge(prompts, a, b)
     assert [j.verdict for j in out3[:2]] == ["abstain", "tie"] and out3[2].verdict in ("A", "B")
     assert len(asked) == 1
@@ -414,12 +421,14 @@ def test_human_judge_reads_stdin(tmp_path, monkeypatch):
 def test_human_judge_budget_refuses_and_a_resume_asks_only_the_rest(tmp_path):
     path, asked, out = tmp_path / "h.jsonl", [], io.StringIO()
     judge = HumanJudge(path, input_fn=lambda q: asked.append(q) or "t", output=out, max_calls=2)
-    verdicts = [j.verdict for j in judge.judge(["p1", "p2", "p1", "p3"], ["a"] * 4, ["b"] * 4)]
-    assert verdicts == ["tie", "tie", "tie", "abstain"]  # the repeated pair costs no budget
+    batch = (["p1", "p2", "p1", "p3", "p4"], ["a"] * 4 + ["x"], ["b"] * 4 + ["x"])
+    verdicts = [j.verdict for j in judge.judge(*batch)]
+    assert verdicts == ["tie", "tie", "tie", "abstain", "tie"]  # a repeated or identical pair costs no budget
     assert len(asked) == 2 and "budget: 1/2 answers used" in out.getvalue()
     assert judge.budget_exhausted and judge.budget_refusals == 1
     s = judge.stats()
-    assert (s["calls"], s["cache_hits"], s["abstentions"], s["budget_exhausted"]) == (2, 1, 1, True)
+    assert (s["calls"], s["cache_hits"], s["abstentions"], s["identical_ties"], s["budget_exhausted"]) == (
+        2, 1, 1, 1, True)
     assert len(path.read_text().splitlines()) == 2  # refused pairs are not recorded
     again = HumanJudge(path, input_fn=lambda q: asked.append(q) or "a", output=io.StringIO(), max_calls=1)
     assert [j.verdict for j in again.judge(["p1", "p3"], ["a"] * 2, ["b"] * 2)][0] == "tie"

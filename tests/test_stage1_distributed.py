@@ -42,7 +42,7 @@ def test_ddp_two_processes_equal_one_within_tolerance(tmp_path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """One process, 8 rows per step (2 micro-batches of 4), 6 steps, a checkpoint every 2."""
+    """One process, 8 rows per step (2 micro-batches of 4), 18 steps, a checkpoint every 2."""
     run = tmp_path_factory.mktemp("s1") / "run"
     assert main(argv("train", run, BASE + ["stage1.grad_accum=2", "stage1.save_steps=2"])) == 0
     return run
@@ -62,8 +62,7 @@ def test_resume_with_another_number_of_processes(before, after, uninterrupted, t
         said = capsys.readouterr().out
     else:
         said = output(spawn(after, argv("train", run, sets, resume=True, quiet=False), tmp_path))
-    print("SAID", [l for l in said.splitlines() if "stage1" in l])
-    assert (f"stage1: resumed from {ckpt} at step 2/6 with {after} process{'es' if after > 1 else ''}, "
+    assert (f"stage1: resumed from {ckpt} at step 2/18 with {after} process{'es' if after > 1 else ''}, "
             f"{before} saved it; 8 rows per step as before") in said
     w = weights(run / "model" / "model.safetensors")
     assert max_abs_diff(w, weights(uninterrupted / "model" / "model.safetensors")) <= TOL
@@ -81,3 +80,30 @@ def test_a_step_that_the_processes_cannot_share_is_refused():
         check_rows("ckpt/trainer_state.json", 16, 4, 3)
     with pytest.raises(UserError, match="not a positive multiple"):
         check_rows("ckpt/trainer_state.json", 10, 4, 1)
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("accelerate_fsdp.yaml", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+                              "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "ACCELERATE_MIXED_PRECISION": "bf16"}),
+    ("accelerate_zero3.yaml", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                               "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true", "ACCELERATE_MIXED_PRECISION": "bf16"}),
+])
+def test_the_accelerate_configs_launch_what_docs_scaling_says(name, expect):
+    """`accelerate launch --config_file configs/<name>` reads every key and sets the environment
+    accelerate's Accelerator then reads; accumulation and clipping are left to compo (unset)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", f"configs/{name}", "-m", "compo.cli", "pipeline"])
+    args, defaults, from_config = _validate_launch_command(args)
+    section = defaults.fsdp_config or defaults.deepspeed_config
+    assert set(section) <= {a.dest for a in parser._actions}  # no key accelerate would ignore
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join([*section, *(["mixed_precision"] if from_config else [])])
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    assert {k: env.get(k) for k in expect} == expect
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
+    assert args.num_processes == 8 and args.num_machines == 1

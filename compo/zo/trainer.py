@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from compo import faults
 from compo.config import ZOConfig
-from compo.dist import all_gather_votes, all_reduce_sum, broadcast_votes, comm_device, world_info
+from compo.dist import Ranks, all_gather_votes, all_reduce_sum, broadcast_votes, comm_device, world_info
 from compo.errors import Diverged, Paused
 from compo.models import untie_head
 from compo.progress import bar as progress_bar, say, warn
@@ -48,16 +48,6 @@ def check_estimator(cfg: ZOConfig, oracle: Oracle) -> None:
 
 class BudgetSpent(JudgeQuit):
     """A judge refused votes for lack of budget during a step: the step is redone on --resume."""
-
-
-class _Ranks:
-    """The stage-2 processes as a GenerationOracle's collective ``settle`` sees them."""
-
-    def __init__(self, world: int, rank: int, device: torch.device):
-        self.world, self.rank, self.device = world, rank, comm_device(device)
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(t, self.device).cpu()
 
 
 class ZOTrainer:
@@ -176,7 +166,7 @@ class ZOTrainer:
         votes = torch.zeros(cfg.m, dtype=torch.int8)
         chunks = [range(a, min(cfg.m, a + c)) for a in range(0, cfg.m, c)]
         world, rank = world_info()
-        group = _Ranks(world, rank, device) if world > 1 else None
+        group = Ranks(world, rank, device) if world > 1 else None
         # a generation oracle hears the whole step's questions at once (settle), collectively
         # across ranks: each distinct question asked by one rank, every rank gets every vote
         deferred = isinstance(self.oracle, GenerationOracle)

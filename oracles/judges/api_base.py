@@ -2,7 +2,8 @@
 
 What every API judge guarantees:
 
-* Two identical responses are a tie, answered without any request (``identical_ties``).
+* Two identical responses are a tie, answered without any request (``identical_ties``);
+  with ``swap`` each pair is asked in both orders (:mod:`oracles.judges.swap_plan`).
 * Concurrency is bounded by an asyncio semaphore (``max_concurrency``).
 * Retries with backoff honouring ``Retry-After`` (:mod:`oracles.judges.retrying`).
 * Every answer is written to the sqlite cache (:mod:`oracles.judges.cache`) and committed as
@@ -22,15 +23,11 @@ What every API judge guarantees:
   ``fail_fast`` (default) no new request is started, those in flight finish (and are
   cached), then :class:`~oracles.judges.base.JudgeError` is raised. Other 4xx abstain.
 * A reply longer than ``max_output_tokens`` (the server ignored the length field) counts as
-  ``length_overruns`` and is logged once.
+  ``length_overruns`` and is warned about once per judge (logger ``oracles.judges.api``;
+  :mod:`compo.progress` prints its warnings as ``warning: ...``).
 * The API key comes only from an environment variable or a key file. It is never logged,
   never part of ``repr``/``str``, never a cache key and never written to any file (replies
   and error messages that echo it are redacted before they are logged or stored).
-
-With ``swap=True`` each pair is asked in both orders, (A, B) and (B, A); agreeing verdicts
-stand, disagreeing ones become "tie" and a pair abstains when either order has no answer.
-``swap_pairs`` counts the pairs both orders answered, ``swap_disagreements`` those where the
-two orders disagree, and ``swap_disagreement`` (their ratio) measures the judge's position bias.
 """
 
 from __future__ import annotations
@@ -39,16 +36,16 @@ import asyncio
 import json
 import logging
 import threading
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any, Sequence
 
-from oracles.judges.base import Judgement, JudgeError, PairwiseJudge, check_batch, combine_swapped, flip
+from oracles.judges.base import Judgement, JudgeError, PairwiseJudge, check_batch
 from oracles.judges.budget import Budget
 from oracles.judges.cache import JudgeCache, check_cache_path, request_key
 from oracles.judges.prompting import parse_verdict, render, resolve_template
 from oracles.judges.retrying import RetryingMixin
+from oracles.judges.swap_plan import Reply, SwapPlanMixin
 from oracles.judges.transport import (
     FATAL_STATUS, PLACEHOLDER_KEY, Completion, LoopThread, Malformed, http_status, load_api_key,
 )
@@ -56,17 +53,7 @@ from oracles.judges.transport import (
 log = logging.getLogger("oracles.judges.api")
 
 
-@dataclass
-class _Reply:
-    raw: str | None
-    status: str  # ok | cached | budget | error | malformed | skipped
-
-    @property
-    def verdict(self) -> str:
-        return parse_verdict(self.raw) if self.raw is not None else "abstain"
-
-
-class APIJudge(RetryingMixin, PairwiseJudge):
+class APIJudge(RetryingMixin, SwapPlanMixin, PairwiseJudge):
     """Shared machinery of the HTTP judges; subclasses make the client and send one request."""
 
     name = "api"
@@ -180,15 +167,6 @@ class APIJudge(RetryingMixin, PairwiseJudge):
         )
         return await asyncio.wrap_future(fut)
 
-    def stats(self) -> dict:
-        """The counters of :meth:`PairwiseJudge.stats`; with ``swap``, also ``swap_disagreement``:
-        the share of pairs answered in both orders whose two verdicts differ (None: no such pair)."""
-        out = super().stats()
-        if self.swap:
-            n = out["swap_pairs"]
-            out["swap_disagreement"] = out["swap_disagreements"] / n if n else None
-        return out
-
     @property
     def budget_exhausted(self) -> bool:
         return self._budget.exhausted
@@ -276,30 +254,6 @@ class APIJudge(RetryingMixin, PairwiseJudge):
     def _key(self, prompt: str, first: str, second: str) -> str:
         return request_key(self.name, self.model, self.template, prompt, first, second, self._params())
 
-    def _plan(self, prompts: Sequence[str], resp_a: Sequence[str], resp_b: Sequence[str]):
-        """The batch's distinct requests (key -> (prompt, first, second)) and, per pair, its
-        (key, swapped) orders, or None for identical responses (a tie without asking)."""
-        requests: dict[str, tuple[str, str, str]] = {}
-        plan: list[list[tuple[str, bool]] | None] = []
-        for p, a, b in zip(prompts, resp_a, resp_b):
-            if a == b:
-                plan.append(None)
-                continue
-            orders = [(a, b, False)] + ([(b, a, True)] if self.swap else [])
-            row = []
-            for first, second, swapped in orders:
-                k = self._key(p, first, second)
-                requests.setdefault(k, (p, first, second))
-                row.append((k, swapped))
-            plan.append(row)
-        return requests, plan
-
-    def requests_needed(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> int:
-        """How many requests :meth:`judge` would send for this batch now (its distinct requests
-        not in the cache): a process's claim on a budget several processes share."""
-        requests, _ = self._plan(prompts, responses_a, responses_b)
-        return sum(1 for k in requests if self.cache.get(k) is None)
-
     async def _judge_batch(self, prompts: list[str], resp_a: list[str], resp_b: list[str]) -> list[Judgement]:
         if self._client is None:
             self._client = self._make_client()
@@ -315,30 +269,7 @@ class APIJudge(RetryingMixin, PairwiseJudge):
             raise JudgeError(self._fatal)
         return out
 
-    def _combine(self, row: list[tuple[str, bool]] | None, by_key: dict[str, _Reply]) -> Judgement:
-        """One pair's judgement from the replies to its order(s), counting ties and disagreements."""
-        if row is None:
-            self._count("identical_ties")
-            return Judgement("tie")
-        verdicts, raws = [], []
-        for k, swapped in row:
-            reply = by_key[k]
-            verdicts.append(flip(reply.verdict) if swapped else reply.verdict)
-            raws.append(reply.raw)
-        if self.swap:
-            verdict = combine_swapped(verdicts[0], verdicts[1])
-            if "abstain" not in verdicts:
-                self._count("swap_pairs")
-                if verdicts[0] != verdicts[1]:
-                    self._count("swap_disagreements")
-            raw = None if raws == [None, None] else f"[order A,B]\n{raws[0]}\n\n[order B,A]\n{raws[1]}"
-        else:
-            verdict, raw = verdicts[0], raws[0]
-        if verdict == "abstain":
-            self._count("abstentions")
-        return Judgement(verdict, None, raw)
-
-    async def _resolve(self, key: str, prompt: str, first: str, second: str) -> _Reply:
+    async def _resolve(self, key: str, prompt: str, first: str, second: str) -> Reply:
         try:
             return await self._resolve_inner(key, prompt, first, second)
         except asyncio.CancelledError:
@@ -346,32 +277,32 @@ class APIJudge(RetryingMixin, PairwiseJudge):
         except Exception as e:  # a bug must not lose the rest of the batch
             self._count("errors")
             log.error("%s judge: unexpected %s while judging: %s", self.name, type(e).__name__, self._redact(str(e)))
-            return _Reply(None, "error")
+            return Reply(None, "error")
 
-    def _cached(self, key: str) -> _Reply | None:
+    def _cached(self, key: str) -> Reply | None:
         hit = self.cache.get(key)
         if hit is None:
             return None
         self._count("cache_hits")
-        reply = _Reply(hit.raw, "cached")
+        reply = Reply(hit.raw, "cached")
         if reply.verdict == "abstain":
             self._count("no_verdict")
         return reply
 
-    async def _resolve_inner(self, key: str, prompt: str, first: str, second: str) -> _Reply:
+    async def _resolve_inner(self, key: str, prompt: str, first: str, second: str) -> Reply:
         hit = self._cached(key)
         if hit is not None:
             return hit
         assert self._sem is not None
         async with self._sem:
             if self._fatal is not None:
-                return _Reply(None, "skipped")
+                return Reply(None, "skipped")
             hit = self._cached(key)  # another process sharing the cache may have answered
             if hit is not None:
                 return hit
             if not self._budget.reserve():
                 self._count("budget_skipped")
-                return _Reply(None, "budget")
+                return Reply(None, "budget")
             self._count("calls")
             user_text = render(self.template, prompt, first, second)
             try:
@@ -379,12 +310,12 @@ class APIJudge(RetryingMixin, PairwiseJudge):
             except Malformed as e:
                 self._count("malformed")
                 log.warning("%s judge: malformed response body (%s); abstaining", self.name, self._redact(str(e))[:200])
-                return _Reply(None, "malformed")
+                return Reply(None, "malformed")
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 self._failed(e)
-                return _Reply(None, "error")
+                return Reply(None, "error")
             return self._received(key, user_text, done)
 
     def _failed(self, e: Exception) -> None:
@@ -397,7 +328,7 @@ class APIJudge(RetryingMixin, PairwiseJudge):
             self._fatal = f"{self.name} judge for model {self.model!r}: {desc}: {self._redact(str(e))[:300]} ({hint})"
         log.warning("%s judge: request failed for good after retries: %s; abstaining", self.name, desc)
 
-    def _received(self, key: str, user_text: str, done: Completion) -> _Reply:
+    def _received(self, key: str, user_text: str, done: Completion) -> Reply:
         """Charge, count and cache one reply."""
         raw = self._redact(done.text)
         self._budget.charge(done.input_tokens + done.output_tokens)
@@ -422,7 +353,7 @@ class APIJudge(RetryingMixin, PairwiseJudge):
         except Exception as e:  # the answer is still used for this run
             self._count("cache_errors")
             log.error("%s judge: could not write the cache: %s", self.name, e)
-        return _Reply(raw, "ok")
+        return Reply(raw, "ok")
 
     def _overrun_hint(self) -> str:
         return ""

@@ -7,7 +7,11 @@ request asked by a swapped and an unswapped run is paid for once). Credentials a
 endpoints are never part of the key or of any row.
 
 WAL journaling with ``synchronous=FULL`` makes each committed answer survive a crash of
-the process (or the machine); several processes may share one cache file.
+the process (or the machine). Several processes on one machine may share one cache file (stage
+2 under torchrun: each rank writes the answers it paid for, as they arrive): WAL lets readers
+run beside the one writer, each write is one short transaction, and a busy timeout makes a
+writer wait for the others instead of failing. sqlite's WAL needs every process on one host:
+across nodes, give each node a cache on its own disk (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -95,22 +99,36 @@ class JudgeCache:
             isolation_level=None,  # autocommit; we open transactions explicitly
         )
         with self._lock:
-            c = self._conn
-            if self.path is not None:
-                c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=FULL")
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS answers ("
-                " key TEXT PRIMARY KEY,"
-                " kind TEXT NOT NULL,"
-                " model TEXT NOT NULL,"
-                " verdict TEXT NOT NULL,"
-                " raw TEXT NOT NULL,"
-                " input_tokens INTEGER NOT NULL DEFAULT 0,"
-                " output_tokens INTEGER NOT NULL DEFAULT 0,"
-                " created REAL NOT NULL,"
-                " request TEXT)"
-            )
+            self._setup(timeout)
+
+    def _setup(self, timeout: float) -> None:
+        """WAL mode and the table, retried while another process holds the file: sqlite's busy
+        timeout covers reads and writes, but not the switch to WAL (it fails at once with
+        'database is locked' when several processes open a new cache together)."""
+        c = self._conn
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.path is not None and c.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    c.execute("PRAGMA journal_mode=WAL").fetchone()
+                c.execute("PRAGMA synchronous=FULL")
+                c.execute(
+                    "CREATE TABLE IF NOT EXISTS answers ("
+                    " key TEXT PRIMARY KEY,"
+                    " kind TEXT NOT NULL,"
+                    " model TEXT NOT NULL,"
+                    " verdict TEXT NOT NULL,"
+                    " raw TEXT NOT NULL,"
+                    " input_tokens INTEGER NOT NULL DEFAULT 0,"
+                    " output_tokens INTEGER NOT NULL DEFAULT 0,"
+                    " created REAL NOT NULL,"
+                    " request TEXT)"
+                )
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

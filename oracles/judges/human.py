@@ -10,8 +10,9 @@ Answers: ``a``/``1``/``left`` or ``b``/``2``/``right`` (the response shown on th
 answer, skips included, is appended to a JSONL file at once (flush + fsync), keyed by a hash
 of the texts; a new judge on the same file reuses those answers without asking again (a pair
 already answered with the responses the other way round is reused with the labels flipped).
-The record, the order and the budget (``max_calls`` questions) are shared with the browser
-judge ``human_web`` (:mod:`oracles.judges.human_record`): either resumes the other's file.
+Two identical responses are a tie without asking. The record, the order and the budget
+(``max_calls`` questions) are shared with the browser judge ``human_web``
+(:mod:`oracles.judges.human_record`): either resumes the other's file.
 """
 
 from __future__ import annotations

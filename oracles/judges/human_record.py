@@ -4,7 +4,8 @@ left/right order, the answer vocabulary and the per-batch plan with its budget.
 The record is a JSONL file, one answer per line, appended and fsync'ed as soon as it is given,
 keyed by a hash of ``(prompt, response_a, response_b)``. Both judges write the same fields, so
 either can resume the other's file. A pair on record with its responses the other way round is
-reused with the labels flipped.
+reused with the labels flipped. Two identical responses are a tie without asking (a shuffled
+answer about two copies of one text would be a vote made of noise).
 """
 
 from __future__ import annotations
@@ -136,11 +137,14 @@ class Question:
 class RecordedHumanJudge(PairwiseJudge):
     """A person answers, every answer lands in an :class:`AnswerRecord` at once.
 
-    :meth:`judge` serves pairs on record from it, puts each other distinct pair to the person
-    once (at most ``max_calls`` questions per judge object; the rest abstain and count as budget
+    :meth:`judge` ties identical responses at once (``identical_ties``: not asked, not recorded,
+    no budget), serves pairs on record from it, puts each other distinct pair to the person once
+    (at most ``max_calls`` questions per judge object; the rest abstain and count as budget
     refusals, so stage 2 pauses before that step) and returns the verdicts in batch order.
     Subclasses implement :meth:`_ask_all` (the terminal, a browser page).
     """
+
+    extra_stat_keys = ("identical_ties",)
 
     def __init__(self, record_path: str | PathLike, seed: int = 0, max_calls: int | None = None):
         if max_calls is not None and (isinstance(max_calls, bool) or max_calls < 0):
@@ -182,11 +186,12 @@ class RecordedHumanJudge(PairwiseJudge):
         raise NotImplementedError
 
     def _plan(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> list[Question]:
-        """The distinct pairs of the batch not on record (either way round), in batch order."""
+        """The distinct pairs of the batch with two different responses and not on record
+        (either way round), in batch order."""
         todo: dict[str, Question] = {}
         for p, a, b in zip(prompts, responses_a, responses_b):
             key = pair_key(p, a, b)
-            if key in todo or pair_key(p, b, a) in todo or self.record.lookup(p, a, b) is not None:
+            if a == b or key in todo or pair_key(p, b, a) in todo or self.record.lookup(p, a, b) is not None:
                 continue
             todo[key] = Question(key, p, a, b, shown_swapped(self.seed, key))
         return list(todo.values())
@@ -202,6 +207,10 @@ class RecordedHumanJudge(PairwiseJudge):
         out: list[Judgement] = []
         fresh = {q.key for q in asked}
         for p, a, b in zip(prompts, responses_a, responses_b):
+            if a == b:
+                self._count("identical_ties")
+                out.append(Judgement("tie"))
+                continue
             key = pair_key(p, a, b)
             if key in refused or pair_key(p, b, a) in refused:
                 self._refused += 1

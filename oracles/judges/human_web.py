@@ -7,12 +7,15 @@ Answers use the terminal judge's record, order and budget (:mod:`oracles.judges.
 each is appended to the same JSONL at once, so a reload loses nothing and either judge resumes
 the other's file. The page sends the question id with every answer; an answer to a question
 that is no longer current is refused, so a stale tab or a double key press cannot misvote.
+Two identical responses are a tie without asking. A ``host`` that is not a loopback address
+serves the texts to the network without a login, so starting the server warns once.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import socket
 import sys
 import threading
@@ -25,6 +28,8 @@ from compo.errors import UserError
 from oracles.judges.base import JudgeError, JudgeQuit, register_judge
 from oracles.judges.human_page import PAGE
 from oracles.judges.human_record import ANSWERS, Question, RecordedHumanJudge
+
+log = logging.getLogger(__name__)
 
 _MAX_BODY = 64 * 1024
 _WEB_ANSWERS = {"a", "b", "t", "s", "q"}  # what the page sends (its keys and buttons)
@@ -171,6 +176,10 @@ class WebHumanJudge(RecordedHumanJudge):
         out = self.output if self.output is not None else sys.stdout
         print(f"human_web judge: answer in a browser at {self.url} (answers go to {self.record_path})",
               file=out, flush=True)
+        if not _is_loopback(self.host):
+            log.warning("human_web judge: listening on %s, not a loopback address: anyone who can reach %s "
+                        "can read the prompts and responses and answer, there is no login (keep the default "
+                        "host 127.0.0.1 and forward the port over SSH: docs/human_judge.md)", self.host, self.url)
         return self.url
 
     def close(self) -> None:
