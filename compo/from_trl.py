@@ -3,8 +3,10 @@ ModelConfig / ScriptArguments keys of TRL's CLI YAML) into a compo run config.
 
 The key map is data (compo/trl_map.py). Mapped keys convert; inert keys at a value under which
 TRL trains as compo does are accepted silently; ignored keys (no effect on the trained model)
-are accepted with one warning naming them. Any other value of an inert key, a key of another
-trainer's config, and any key not in the map fail together in one error, one line per key.
+are accepted with one warning naming them; a mapped key whose conversion differs from TRL's
+default (``use_peft`` without ``lora_target_modules``) converts with a warning of its own. Any
+other value of an inert key, a key of another trainer's config, and any key not in the map fail
+together in one error, one line per key.
 Used by ``compo config --from-trl FILE``; docs/from_trl.md's table is :func:`markdown_table`.
 """
 
@@ -43,6 +45,7 @@ class Conversion:
     config: dict  # nested compo config: only the keys the TRL file set
     trainer: str  # dpo, kto or bco
     ignored: list[str] = field(default_factory=list)  # accepted, no effect on the trained model
+    warnings: list[str] = field(default_factory=list)  # "key: what differs from TRL", per converted key
     sources: dict[str, str] = field(default_factory=dict)  # compo key -> the TRL key it came from
 
 
@@ -95,6 +98,10 @@ def convert(src: dict, trainer: str | None = None, origin: str = "TRL config") -
                 converted.append((order[k], k, key.convert(v, ctx)))
             except Bad as e:
                 problems.append((f"{origin}: {k}", str(e)))
+                continue
+            note = key.warning(v, ctx) if key.warning is not None else None
+            if note:
+                out.warnings.append(f"{k}: {note}")
     if unknown:
         problems.append((f"{origin}: {', '.join(map(str, unknown))}", "unknown key(s): not a TRL DPOConfig/KTOConfig/BCOConfig/"
                          "TrainingArguments/ModelConfig/ScriptArguments key compo knows (see docs/from_trl.md)"))
@@ -193,6 +200,8 @@ def main(path: str | None, trainer: str | None, overrides: list[str], output: st
         raise ConfigError("--from-trl writes a new config: give compo keys with --set, not "
                           + ("--config" if config else "--list"), "compo config")
     text, conv = from_trl_file(path, trainer, overrides)
+    for line in conv.warnings:
+        print(f"warning: {path}: {line}", file=sys.stderr)
     if conv.ignored:
         print(ignored_message(conv), file=sys.stderr)
     if output:

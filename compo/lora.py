@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import re
 import shutil
 import warnings
@@ -43,6 +44,12 @@ def check_available(cfg) -> None:
     if enabled(cfg) and importlib.util.find_spec("peft") is None:
         raise UserError(KEY, f"LoRA needs the peft package, which is not installed: run `{INSTALL_HINT}` "
                         "(or drop stage1.peft for full training)")
+    sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(var, "").lower() in ("1", "true", "yes")]
+    if enabled(cfg) and sharded:
+        raise UserError(KEY, f"LoRA stage 1 under {sharded[0]} is not supported yet (the adapter would be saved "
+                        "from sharded weights): run LoRA under DDP or one process (it fits a 7B model on one GPU), "
+                        "or drop stage1.peft for sharded full training")
 
 
 def _linear_types() -> tuple:
@@ -178,6 +185,16 @@ def register_checkpoint_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def base_model_name(cfg, run) -> str:
+    """What ``adapter_config.json`` names as the base model: a local directory as an absolute path
+    (so ``AutoPeftModelForCausalLM.from_pretrained`` finds it from any working directory; the toy
+    model's is ``run_dir/reference``), a hub name as given."""
+    if cfg.model.path == "toy":
+        return str(Path(run.reference).resolve())
+    path = Path(cfg.model.path).expanduser()
+    return str(path.resolve()) if path.is_dir() else cfg.model.path
+
+
 def finish(model, cfg, run, main: bool = True):
     """After stage 1: save the adapter to ``run_dir/adapter`` (main process) and return the merged,
     plain model (the same object the caller passed to :func:`wrap`, now without LoRA layers and
@@ -191,8 +208,7 @@ def finish(model, cfg, run, main: bool = True):
             shutil.rmtree(target)  # from an earlier LoRA stage 1 in this run directory
         return model
     if main:
-        base = str(run.reference) if cfg.model.path == "toy" else cfg.model.path
-        model.peft_config["default"].base_model_name_or_path = base
+        model.peft_config["default"].base_model_name_or_path = base_model_name(cfg, run)
         atomic_save_dir(target, lambda d: model.save_pretrained(d, save_embedding_layers=False))
     merged = model.merge_and_unload()
     for p in merged.parameters():

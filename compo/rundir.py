@@ -271,7 +271,8 @@ class RunDir:
 
     def truncate_metrics(self, stage: str, upto_step: int) -> int:
         """Keep the records of earlier stages and of ``stage`` up to ``upto_step``; drop the rest
-        (a resumed stage then logs each step exactly once). Returns the number dropped."""
+        (a resumed stage then logs each step exactly once); the trackers are rewound to match
+        (see compo.tracking). Returns the number dropped."""
         if not is_writer() or not self.metrics.exists():
             return 0
         order = STAGE_ORDER[stage]
@@ -280,6 +281,8 @@ class RunDir:
                 or (r.get("stage") == stage and isinstance(r.get("step"), int) and r["step"] <= upto_step)]
         if len(keep) != len(rows):
             write_jsonl(self.metrics, keep)
+            if self.trackers is not None:
+                self.trackers.rewind(keep)
         return len(rows) - len(keep)
 
     def drop_checkpoints(self, name: str) -> None:

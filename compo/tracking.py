@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import yaml
 
-from compo.config import RunConfig, redact
+from compo.config import RunConfig
+from compo.redact import redact
 from compo.errors import UserError
 from compo.progress import main_process, warn
 from compo.rundir import RunDir, describe_exc, read_jsonl
@@ -159,7 +160,7 @@ class Trackers:
     def rewind(self, records: list[dict]) -> None:
         """metrics.jsonl now holds ``records`` alone (a stage starts again): tensorboard's event
         files, which cannot drop points, are written anew from them."""
-        for i, t in enumerate(list(self.trackers)):
+        for t in list(self.trackers):
             if t.name != "tensorboard" or self.rebuild is None:
                 continue
             self._finish(t)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from compo.config import RunConfig, Stage1Config
-
 ARGS, DPO, KTO, BCO = "TrainingArguments", "DPOConfig", "KTOConfig", "BCOConfig"
 MODEL, SCRIPT = "ModelConfig", "ScriptArguments"
 TRAINERS = {"dpo": DPO, "kto": KTO, "bco": BCO}
@@ -37,6 +35,7 @@ class Key:
     accepts: str = ""  # the inert values, for the table and the error
     ignored: bool = False  # no effect on the trained model: accepted with a warning
     note: str = ""
+    warning: Callable[[Any, dict], str | None] | None = None  # converted, but worth a warning (the text)
 
 
 def to(key: str, fn: Callable[[Any], Any] = lambda v: v) -> Convert:
@@ -163,30 +162,44 @@ def _device(v, src) -> dict:
     return {"model.device": "cpu"} if v is True else {}
 
 
-def report_to_supported() -> bool:
-    """Whether this compo's RunConfig has a top-level ``report_to`` (trackers) option."""
-    return "report_to" in RunConfig.model_fields
+def _flag(key: str) -> Convert:
+    """A TRL bool (null: not set, compo's default)."""
+    def conv(v, src) -> dict:
+        if v is None:
+            return {}
+        if not isinstance(v, bool):
+            raise Bad(f"{v!r}: expected true or false")
+        return {key: v}
+    return conv
 
 
-def _report_key() -> Key:
-    if report_to_supported():
-        return Key("report_to", (ARGS,), "report_to", _report_to, note="'none' -> []")
-    return Key("report_to", (ARGS,), ignored=True, note="compo has no tracker option yet: metrics go to "
-               "metrics.jsonl (pending: report_to)")
+def _checkpointing(v, src) -> dict:
+    """transformers 5's ``activation_checkpointing`` (``gradient_checkpointing`` is its old name)."""
+    other = src.get("gradient_checkpointing")
+    if isinstance(v, bool) and isinstance(other, bool) and v != other:
+        raise Bad(f"{v!r} with gradient_checkpointing={other!r} (its older name): set one")
+    return _flag("stage1.gradient_checkpointing")(v, src)
 
 
-def peft_supported() -> bool:
-    """Whether this compo's stage 1 can train LoRA adapters (``stage1.peft``)."""
-    return "peft" in Stage1Config.model_fields
+def _name(key: str) -> Convert:
+    """A TRL name (null: not set, compo's default)."""
+    return lambda v, src: {} if v is None else {key: v}
 
 
 def _use_peft(v, src) -> dict:
     if v is not True:
         return {}
     if src.get("lora_target_modules") is None:
-        raise Bad("true with lora_target_modules unset: TRL then uses PEFT's per-model default modules, compo "
-                  "needs them named: set lora_target_modules (e.g. [q_proj, v_proj], or all-linear)")
+        return {"stage1.peft.enabled": True, "stage1.peft.target_modules": "all-linear"}
     return {"stage1.peft.enabled": True}
+
+
+def _peft_default_modules(v, src) -> str | None:
+    if v is True and src.get("lora_target_modules") is None:
+        return ("true with lora_target_modules unset: compo puts adapters on all-linear (every linear layer but the "
+                "output layer); TRL would use PEFT's per-architecture default (q_proj, v_proj for Llama and "
+                "Mistral): set lora_target_modules to train what TRL trains")
+    return None
 
 
 def _lora(name: str) -> Convert:
@@ -194,24 +207,19 @@ def _lora(name: str) -> Convert:
 
 
 def _peft_keys() -> tuple[Key, ...]:
-    fixed = (Key("lora_modules_to_save", (MODEL,), inert=is_(None), accepts="null"),
-             Key("lora_task_type", (MODEL,), inert=is_("CAUSAL_LM"), accepts="CAUSAL_LM"),
-             Key("lora_target_parameters", (MODEL,), inert=is_(None), accepts="null"),
-             Key("use_rslora", (MODEL,), inert=is_(False), accepts="false"),
-             Key("use_dora", (MODEL,), inert=is_(False), accepts="false"))
-    if not peft_supported():
-        return (Key("use_peft", (MODEL,), inert=is_(False), accepts="false", note="compo trains the whole model"),
-                *(Key(k, (MODEL,), inert=unless("use_peft"), accepts="any, while use_peft is not true")
-                  for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")), *fixed)
     lora = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules"}
-    return (Key("use_peft", (MODEL,), "stage1.peft", _use_peft, note="true -> LoRA adapters in stage 1"),
+    return (Key("use_peft", (MODEL,), "stage1.peft", _use_peft, warning=_peft_default_modules,
+                note="true -> LoRA adapters in stage 1 (without lora_target_modules: all-linear, with a warning)"),
             *(Key(k, (MODEL,), f"stage1.peft.{c}", _lora(c), note="used with use_peft: true") for k, c in lora.items()),
-            *fixed)
+            Key("lora_modules_to_save", (MODEL,), inert=is_(None), accepts="null"),
+            Key("lora_task_type", (MODEL,), inert=is_("CAUSAL_LM"), accepts="CAUSAL_LM"),
+            Key("lora_target_parameters", (MODEL,), inert=is_(None), accepts="null"),
+            Key("use_rslora", (MODEL,), inert=is_(False), accepts="false"),
+            Key("use_dora", (MODEL,), inert=is_(False), accepts="false"))
 
 
 def all_keys() -> tuple[Key, ...]:
-    """Every TRL key compo knows, in table order (built on use: report_to and the LoRA keys follow
-    this compo's RunConfig)."""
+    """Every TRL key compo knows, in table order."""
     ign = dict(ignored=True)
     dk = (DPO, KTO)
     return (
@@ -322,13 +330,20 @@ def all_keys() -> tuple[Key, ...]:
         Key("save_steps", (ARGS,), "stage1.save_steps", _save_steps),
         Key("save_strategy", (ARGS,), "stage1.save_steps", _save_strategy, note="no -> 0"),
         Key("resume_from_checkpoint", (ARGS,), inert=is_(None), accepts="null", note="use compo --resume"),
-        Key("group_by_length", (ARGS,), inert=is_(False), accepts="false"),
+        Key("group_by_length", (ARGS,), "stage1.group_by_length", _flag("stage1.group_by_length"),
+            note="compo sorts the rows of 32-step windows by length: less padding, another row order than TRL's sampler"),
+        Key("gradient_checkpointing", (ARGS,), "stage1.gradient_checkpointing", _flag("stage1.gradient_checkpointing"),
+            note="compo always uses non-reentrant checkpointing"),
+        Key("activation_checkpointing", (ARGS,), "stage1.gradient_checkpointing", _checkpointing,
+            note="transformers 5's name for gradient_checkpointing"),
         Key("train_sampling_strategy", (ARGS, KTO), **ign, note="compo draws rows in a seeded random order per epoch"),
         Key("full_determinism", (ARGS,), **ign, note="compo's runs are seeded and resume bit-identically"),
-        _report_key(),
+        Key("report_to", (ARGS,), "report_to", _report_to, note="'none' -> []"),
+        Key("project", (ARGS,), "logging.project", _name("logging.project")),
+        Key("run_name", (ARGS,), "logging.run_name", _name("logging.run_name"), note="null -> the run directory's name"),
         *(Key(k, (ARGS,), **ign) for k in (
             "logging_dir", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level",
-            "log_level_replica", "log_on_each_node", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+            "log_level_replica", "log_on_each_node", "trackio_space_id", "trackio_bucket_id",
             "trackio_static_space_id", "disable_tqdm", "overwrite_output_dir", "do_train", "do_eval", "do_predict",
             "eval_strategy", "evaluation_strategy", "eval_steps", "eval_delay", "eval_on_start",
             "per_device_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches",
@@ -339,8 +354,7 @@ def all_keys() -> tuple[Key, ...]:
             "hub_private_repo", "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_pin_memory",
             "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_drop_last",
             "dataloader_multiprocessing_context", "dataloader_in_order", "remove_unused_columns", "label_names",
-            "length_column_name", "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
-            "activation_checkpointing_kwargs", "torch_compile", "torch_compile_backend", "torch_compile_mode", "tf32",
+            "length_column_name", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "torch_compile", "torch_compile_backend", "torch_compile_mode", "tf32",
             "use_liger_kernel", "liger_kernel_config", "use_cache", "bf16_full_eval", "fp16_full_eval",
             "average_tokens_across_devices", "torch_empty_cache_steps", "include_num_input_tokens_seen",
             "skip_memory_metrics", "accelerator_config", "parallelism_config", "local_rank", "ddp_backend",

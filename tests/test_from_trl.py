@@ -47,6 +47,9 @@ report_to: none
 logging_dir: logs
 dataloader_num_workers: 4
 gradient_checkpointing: true
+group_by_length: true
+project: my-project
+run_name: dpo-robust-7
 hub_token: hf_NOT_A_REAL_TOKEN_123
 """
 
@@ -69,15 +72,17 @@ def test_a_trl_dpo_yaml_converts_into_a_config_compo_loads(tmp_path, capsys):
     assert (s1.logging_steps, s1.save_steps) == (10, 100)
     assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.path) == (1024, 512, "my/pairs")
     assert (cfg.model.path, cfg.run_dir, cfg.seed) == ("path/to/sft", "runs/from-trl", 7)
-    if trl_map.report_to_supported():
-        assert cfg.report_to == []
+    assert (s1.gradient_checkpointing, s1.group_by_length) == (True, True)
+    assert (cfg.report_to, cfg.logging.project, cfg.logging.run_name) == ([], "my-project", "dpo-robust-7")
     # only the keys the file set are written; inert keys at TRL's defaults add nothing
     written = yaml.safe_load(out.read_text())
-    assert set(written) == {"model", "data", "run_dir", "stage1", "seed"} | ({"report_to"} if trl_map.report_to_supported() else set())
+    assert set(written) == {"model", "data", "run_dir", "stage1", "seed", "report_to", "logging"}
     assert set(written["stage1"]) == {"loss", "beta", "label_smoothing", "learning_rate", "epochs", "batch_size",
                                       "grad_accum", "warmup_ratio", "max_grad_norm", "mixed_precision",
-                                      "logging_steps", "save_steps"}
-    assert "ignored TRL keys" in err and "logging_dir, dataloader_num_workers, gradient_checkpointing, hub_token" in err
+                                      "logging_steps", "save_steps", "group_by_length", "gradient_checkpointing"}
+    assert written["logging"] == {"project": "my-project", "run_name": "dpo-robust-7"}
+    assert "ignored TRL keys" in err and "(no effect on what compo trains; see docs/from_trl.md): logging_dir, dataloader_num_workers, hub_token\n" in err
+    assert "warning: " + str(tmp_path / "trl.yaml") not in err  # nothing converted differently from TRL
     assert "hf_NOT_A_REAL_TOKEN_123" not in err + out.read_text()
 
 
@@ -144,6 +149,10 @@ def test_value_conversions(tmp_path):
         "stage1": {"loss": "dpo"}, "model": {"dtype": "bfloat16"}}
     assert conv({"torch_dtype": "auto", "max_length": None, "precompute_ref_batch_size": 64}).config == {
         "split": {"batch_size": 64}}
+    assert conv({"gradient_checkpointing": False, "group_by_length": None, "run_name": None, "project": "p"}).config == {
+        "stage1": {"gradient_checkpointing": False}, "logging": {"project": "p"}}
+    assert conv({"activation_checkpointing": True, "gradient_checkpointing": None}).config == {
+        "stage1": {"gradient_checkpointing": True}}
     for src, key, what in (
         ({"warmup_steps": 10}, "warmup_steps", "give warmup_ratio, or max_steps"),
         ({"loss_type": "ipo", "label_smoothing": 0.1}, "loss_type", "label smoothing applies to sigmoid and robust"),
@@ -154,6 +163,8 @@ def test_value_conversions(tmp_path):
         ({"adam_beta1": 0.8}, "adam_beta1", "accepted: 0.9"),
         ({"ref_model_sync_steps": 8, "sync_ref_model": True}, "ref_model_sync_steps", "while sync_ref_model is not"),
         ({"label_smoothing": 0.1, "desirable_weight": 1.0}, "--from-trl", "DPOConfig (label_smoothing), KTOConfig"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing", "expected true or false"),
+        ({"activation_checkpointing": True, "gradient_checkpointing": False}, "activation_checkpointing", "set one"),
     ):
         with pytest.raises(ConfigError) as e:
             conv(src)
@@ -162,19 +173,23 @@ def test_value_conversions(tmp_path):
     assert conv({"ref_model_sync_steps": 8, "ref_model_mixup_alpha": 0.3}).config == {}
 
 
-def test_lora_keys_follow_stage1_peft(tmp_path):
+def test_lora_keys_follow_stage1_peft(tmp_path, capsys):
     src = {"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"]}
-    if trl_map.peft_supported():
-        conv = from_trl.convert(src)
-        assert conv.config == {"stage1": {"peft": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0,
-                                                   "target_modules": ["q_proj", "v_proj"]}}}
-        from_trl.validate(conv, "x")
-        with pytest.raises(ConfigError, match="lora_target_modules unset"):
-            from_trl.convert({"use_peft": True, "lora_r": 8})
-    else:
-        with pytest.raises(ConfigError, match="use_peft"):
-            from_trl.convert(src)
+    conv = from_trl.convert(src)
+    assert conv.config == {"stage1": {"peft": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0,
+                                               "target_modules": ["q_proj", "v_proj"]}}}
+    assert conv.warnings == []
+    from_trl.validate(conv, "x")
     assert from_trl.convert({"use_peft": False, "lora_r": 64}).config == {}
+    # no lora_target_modules: TRL lets PEFT choose per architecture; compo takes all-linear and says so
+    rc, out = _convert(tmp_path, "use_peft: true\nlora_r: 8\n")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert load_config(out).stage1.peft.model_dump() == {"enabled": True, "r": 8, "alpha": 32.0, "dropout": 0.05,
+                                                         "target_modules": "all-linear"}
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert line.startswith(f"warning: {tmp_path / 'trl.yaml'}: use_peft: true with lora_target_modules unset: "
+                           "compo puts adapters on all-linear")
 
 
 def test_a_value_compo_refuses_names_the_trl_key_and_the_set_flag_is_its_own(tmp_path, capsys):

@@ -81,6 +81,30 @@ def test_lora_dpo_learns_keeps_the_head_and_saves_adapter_and_merged_model(tmp_p
     assert torch.allclose(via_adapter.rejected, live.rejected, atol=1e-5, rtol=0)
 
 
+def test_the_adapter_names_a_local_base_model_by_its_absolute_path(tmp_path, toy_reference, toy_pairs, monkeypatch):
+    """model.path given relative to the working directory: adapter_config.json holds the absolute
+    path, so the adapter loads on its own (AutoPeftModelForCausalLM) from another directory."""
+    from peft import AutoPeftModelForCausalLM
+
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _copy(toy_reference).save_pretrained(models / "base")
+    monkeypatch.chdir(models)
+    model, tok, cfg, data, enc = _setup(tmp_path / "run", toy_reference, toy_pairs, 3, "model.path=base")
+    train_stage1(model, tok, data, cfg, RunDir(tmp_path / "run"), paired_objective(cfg, 0), progress=False)
+    adapter = tmp_path / "run" / lora.ADAPTER_DIR
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str((models / "base").resolve())
+    monkeypatch.chdir(elsewhere)  # "base" means nothing here
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), n
+    # a hub name (no such local directory) is kept as given; the toy model's base is run_dir/reference
+    run = RunDir("runs/x")
+    assert lora.base_model_name(load_config(None, ["model.path=org/some-model"]), run) == "org/some-model"
+    assert lora.base_model_name(load_config(None, []), run) == str((elsewhere / "runs/x/reference").resolve())
+
+
 def test_only_adapters_train_and_the_reference_is_the_base_with_adapters_off(toy_reference, toy_pairs):
     base, tok = _copy(toy_reference), toy_reference[1]
     enc = encode_rows(toy_pairs[0][:8], tok, 32, 16)
@@ -225,3 +249,16 @@ def test_kto_with_lora_trains_the_adapters_and_saves_a_merged_model(tmp_path, ca
     assert len(log) == 4 and log[0]["kl"] == 0.0  # policy == reference at step 1
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(run / "model")
+
+
+def test_lora_under_fsdp_or_deepspeed_is_refused_before_any_work(monkeypatch):
+    from compo.errors import UserError
+
+    cfg = load_config(None, ["stage1.peft.r=4"])
+    lora.check_available(cfg)  # DDP / one process: fine
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(UserError, match="stage1.peft.*not supported yet"):
+            lora.check_available(cfg)
+        lora.check_available(load_config(None, []))  # full sharded training is not affected
+        monkeypatch.delenv(var)

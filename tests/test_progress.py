@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,10 +180,12 @@ def test_grid_wraps_and_table_aligns():
 # ---------------------------------------------------------------- the real command, into files
 
 
-def _pipeline(tmp_path: Path, name: str, *flags: str) -> tuple[str, str, Path]:
+def _pipeline(tmp_path: Path, name: str, *flags: str, sets: tuple[str, ...] = (),
+              command: str = "pipeline") -> tuple[str, str, Path]:
+    """``compo <command>`` in a subprocess with stdout and stderr going to files."""
     run = tmp_path / name
-    args = [sys.executable, "-m", "compo.cli", "pipeline", "-c", "tests/tiny.yaml", "--run-dir", str(run), *flags]
-    for s in SMALL:
+    args = [sys.executable, "-m", "compo.cli", command, "-c", "tests/tiny.yaml", "--run-dir", str(run), *flags]
+    for s in SMALL + list(sets):
         args += ["--set", s]
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     env = {k: v for k, v in os.environ.items() if k not in ("COMPO_FAULT", "RANK")}
@@ -192,12 +195,27 @@ def _pipeline(tmp_path: Path, name: str, *flags: str) -> tuple[str, str, Path]:
     return out.read_text(), err.read_text(), run
 
 
+def _progress(lines: list[str], desc: str) -> list[str]:
+    """The ``<desc>: n/total`` positions of a stage's progress lines, the closing one as ``n/total done``."""
+    pos = [ln[len(desc) + 2:].split(" ")[0] + (" done" if " done in " in ln else "")
+           for ln in lines if ln.startswith(desc + ": ") and re.match(r"\d+/\d+ \(", ln[len(desc) + 2:])]
+    return pos
+
+
 def test_pipeline_output_in_a_file_has_no_frames_and_quiet_prints_the_final_line(tmp_path):
-    out, err, run = _pipeline(tmp_path, "normal")
+    out, err, run = _pipeline(tmp_path, "normal", sets=("logging.progress_seconds=0",))
     summary = json.loads((run / "summary.json").read_text())
     assert "\r" not in out and "\r" not in err
     lines = out.splitlines()
-    assert 30 <= len(lines) <= 70, len(lines)
+    # progress_seconds=0 (no line by time) and progress_steps 0: each stage's closing progress line
+    # alone, and the quick scoring passes print nothing. The 48 lines: data (1), split counts and
+    # label quality (2), split calibration (5), reference margin histogram (1 + 12 bins), held-out
+    # eval of the reference, after stage 1 and after stage 2 (3), stage 1 and stage 2: a start
+    # line and a closing progress line each (4), the summary table (19), the final line (1)
+    assert len(summary_lines(summary)) == 19
+    assert len(lines) == 48, "\n".join(lines)
+    assert sum(ln.startswith("  [") for ln in lines) == 12 and sum(ln.startswith("eval ") for ln in lines) == 3
+    assert _progress(lines, "stage1") == ["3/3 done"] and _progress(lines, "stage2 (ComPO)") == ["3/3 done"]
     assert lines[-1] == final_line("pipeline", summary)
     assert "\n".join(summary_lines(summary)) in out
     assert sum(line.startswith("stage1: 3/3 (100%) done in ") for line in lines) == 1
@@ -211,3 +229,20 @@ def test_pipeline_output_in_a_file_has_no_frames_and_quiet_prints_the_final_line
     assert lines[-1] == final_line("pipeline", summary)
     assert all(line.startswith("warning: ") for line in lines[:-1]), lines
     assert summary["stage2"]["steps"] == 3 and len(summary["eval"]) == 4  # the run did everything
+
+
+def test_progress_steps_and_seconds_from_the_config(tmp_path):
+    # logging.progress_steps=2: a line at every 2nd step of stage 1 (9 steps: 3 epochs of 41 clean
+    # pairs in batches of 16) and of stage 2 (5 steps), then the closing line; nothing by time
+    out, err, run = _pipeline(tmp_path, "steps", sets=("logging.progress_steps=2", "logging.progress_seconds=0",
+                                                       "stage1.epochs=3", "zo.max_steps=5"))
+    lines = out.splitlines()
+    assert "\r" not in out + err
+    assert _progress(lines, "stage1") == ["2/9", "4/9", "6/9", "8/9", "9/9 done"]
+    assert _progress(lines, "stage2 (ComPO)") == ["2/5", "4/5", "5/5 done"]
+    assert _progress(lines, "reference log-probs") == ["2/6", "4/6", "6/6 done"]  # 96 pairs in batches of 16
+    # logging.progress_seconds: a line whenever that long has passed since the last one; with a
+    # nanosecond every step qualifies (each takes milliseconds), so stage 1 prints a line per step
+    out, _, _ = _pipeline(tmp_path, "seconds", command="train",
+                          sets=("logging.progress_steps=0", "logging.progress_seconds=1e-9", "stage1.epochs=3"))
+    assert _progress(out.splitlines(), "stage1") == [f"{i}/9" for i in range(1, 9)] + ["9/9 done"]

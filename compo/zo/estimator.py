@@ -91,3 +91,27 @@ def agreement_record(agree: int, n_votes: int, alpha: float) -> dict:
     need = binomial_critical(n_votes, 0.5, alpha)
     return {"n_agree": agree, "agree_rate": agree / n_votes if n_votes else 0.0, "agree_null": 0.5,
             "agree_needed": need / n_votes if n_votes else 1.0}
+
+
+def agreements(source, t: int, chunks, votes: torch.Tensor, u: torch.Tensor, buf: torch.Tensor, radius: float) -> int:
+    """#{i : y_i != 0 and y_i z_i . (u - y_i z_i) > 0}, regenerating z from ``source``'s seeds
+    (one more pass over the step's perturbations)."""
+    agree = 0
+    for idx in chunks:
+        z = source.draw(t, idx, out=buf)
+        coef = votes[idx.start : idx.stop].to(device=z.device, dtype=torch.float32) * (source.scales(z) / radius)
+        terms = z.flatten(1) * coef[:, None]
+        loo = terms @ u.flatten() - terms.pow(2).sum(1)
+        agree += int(((loo > 0) & (coef != 0)).sum())
+    return agree
+
+
+def update_record(w: torch.Tensor, new_w: torch.Tensor, g_sparse: torch.Tensor, dtype: torch.dtype) -> dict:
+    """What a taken step did: shares of entries changed (in the model's dtype) and kept by
+    sparsity, the energy kept, the update's norm and its ratio to ||W||. Diagnostics only, so
+    fp32 norms (pairwise sums, ~1e-6 relative; 1/20 the cost of fp64 ones)."""
+    norm = float(torch.linalg.vector_norm(new_w - w))
+    return {"frac_changed": int(torch.count_nonzero(new_w.to(dtype) != w.to(dtype))) / new_w.numel(),
+            "frac_kept": int(torch.count_nonzero(g_sparse)) / g_sparse.numel(),
+            "energy_kept": float(torch.linalg.vector_norm(g_sparse)) ** 2,
+            "update_norm": norm, "update_ratio": norm / max(float(torch.linalg.vector_norm(w)), 1e-30)}

@@ -21,7 +21,8 @@ from compo.models import untie_head
 from compo.progress import bar as progress_bar, say, warn
 from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
 from compo.zo.estimator import (
-    agreement_record, agreement_skip_reason, normalise, proposed_head, signal_cosine, signal_mu2, skip_reason, sparsify,
+    agreement_record, agreement_skip_reason, agreements, normalise, proposed_head, signal_cosine, signal_mu2,
+    skip_reason, sparsify, update_record,
 )
 from compo.zo.head import (
     HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, lower_basis,
@@ -213,7 +214,8 @@ class ZOTrainer:
                      "signal_mu2": signal_mu2(u_sq, n_votes, dim, sphere), "u_sq_norm": u_sq,
                      "n_votes": n_votes, "dim": dim}
         if cfg.skip_rule == "binomial" or cfg.agreement_stats:
-            rec.update(agreement_record(self._agreements(t, chunks, source, votes, u, buf), n_votes, cfg.skip_alpha))
+            rec.update(agreement_record(agreements(source, t, chunks, votes, u, buf, cfg.radius), n_votes,
+                                        cfg.skip_alpha))
         if cfg.skip_rule == "fixed":
             reason = skip_reason(n_minus, cfg.m, cfg.skip_threshold)
         else:
@@ -254,12 +256,7 @@ class ZOTrainer:
         after_lp = base_lp
         if new_w is not None:
             dtype = self.head.weight.dtype
-            rec["frac_changed"] = int(torch.count_nonzero(new_w.to(dtype) != self.w.to(dtype))) / new_w.numel()
-            rec["frac_kept"] = int(torch.count_nonzero(g_sparse)) / g_sparse.numel()
-            # diagnostics only: fp32 norms (pairwise sums, ~1e-6 relative) cost 1/20 of fp64 ones
-            rec["energy_kept"] = float(torch.linalg.vector_norm(g_sparse)) ** 2
-            rec["update_norm"] = float(torch.linalg.vector_norm(new_w - self.w))
-            rec["update_ratio"] = rec["update_norm"] / max(float(torch.linalg.vector_norm(self.w)), 1e-30)
+            rec.update(update_record(self.w, new_w, g_sparse, dtype))
             self.w = new_w
             self.head.weight.data.copy_(new_w.to(dtype))
             after_lp = head_logps(self.w, inp)
@@ -282,17 +279,6 @@ class ZOTrainer:
         if self.accept_oracle is not self.oracle:
             rec.update({f"accept_oracle/{k}": val for k, val in self.accept_oracle.stats().items()})
         return rec
-
-    def _agreements(self, t: int, chunks, source, votes: torch.Tensor, u: torch.Tensor, buf: torch.Tensor) -> int:
-        """#{i : y_i != 0 and y_i z_i . (u - y_i z_i) > 0}, regenerating z from seeds (one more pass)."""
-        agree = 0
-        for idx in chunks:
-            z = source.draw(t, idx, out=buf)
-            coef = votes[idx.start : idx.stop].to(device=z.device, dtype=torch.float32) * (source.scales(z) / self.cfg.radius)
-            terms = z.flatten(1) * coef[:, None]
-            loo = terms @ u.flatten() - terms.pow(2).sum(1)
-            agree += int(((loo > 0) & (coef != 0)).sum())
-        return agree
 
     @property
     def _budgeted(self) -> bool:

@@ -1,7 +1,8 @@
 """LLM-as-a-judge over HTTP APIs (the import path the package has always offered).
 
 The code lives in smaller modules: :mod:`oracles.judges.api_base` (what every API judge
-guarantees: retries, cache, budget, swap, identical-response ties), :mod:`.openai_judge`
+guarantees: retries, cache, budget), :mod:`.swap_plan` (both orders, position bias,
+identical-response ties), :mod:`.openai_judge`
 (chat.completions and its length field), :mod:`.anthropic_judge` (messages API),
 :mod:`.transport` (key, statuses, event loop) and :mod:`.budget`. Options: docs/judges.md.
 """
