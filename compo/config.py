@@ -161,7 +161,6 @@ class ZOConfig(_Section):
     radius: float = Field(5e-4, gt=0, description="Perturbation scale r (paper: 5e-4 Mistral, 7.5e-4 Llama/Gemma).")
     distribution: Literal["gaussian", "sphere"] = Field("gaussian", description="gaussian: z ~ N(0, r^2) per entry (code); sphere: r times a unit vector (paper Alg. 1).")
     estimator: Literal["full", "projected"] = Field("full", description="full: z over all V x H entries; projected: z restricted to span of the scored hidden states (likelihood oracles only).")
-    projected_blocks: int = Field(4, gt=0, description="Row bands of the projected estimator's triangular matmul (1 = one dense matmul; results agree to rounding).")
     sparsity: Literal["absolute", "top_fraction"] = Field("absolute", description="Keep |g_j| >= lambda_g (paper), or the top rho fraction by magnitude.")
     lambda_g: float = Field(2.2e-4, ge=0, description="Absolute sparsity threshold (paper: 2.2e-4 Mistral, 8e-5 Llama/Gemma).")
     rho: float = Field(0.01, gt=0, le=1, description="Fraction of entries kept by the top_fraction rule.")

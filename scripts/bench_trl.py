@@ -4,7 +4,8 @@
 ``python scripts/bench_stage1.py --vs-trl ...`` (or this script) runs each trainer in its own
 subprocess on the same model, the same pairs (the first ``--pairs`` pairs of ``--data`` whose
 prompt + longer response fit ``--max-length`` tokens, so neither side truncates), the same batch
-size, fp32, the same thread count and the same optimizer-step count; TRL twice, with
+size, fp32, the same thread count, the same optimizer-step count and the same activation
+checkpointing (``--gradient-checkpointing``: on by default, as TRL's DPOConfig); TRL twice, with
 ``precompute_ref_log_probs`` on and off. Each worker times every optimizer step (wall clock)
 after ``--warmup`` steps and reports the median; the one-time reference log-prob pass is timed
 separately (``*_prep_s``). Peak RSS is the worker's ``ru_maxrss`` (model load included: TRL
@@ -94,7 +95,7 @@ def worker_compo(args, pairs_file: Path) -> dict:
             f"stage1.beta={args.beta}", f"data.max_length={args.max_length}",
             f"data.max_prompt_length={args.max_length - 1}", "model.device=cpu", "model.dtype=float32",
             f"run_dir={args.scratch}/compo", f"seed={args.seed}", f"split.batch_size={args.batch}",
-            *args.compo_set]
+            f"stage1.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", *args.compo_set]
     cfg = load_config(None, over)
     run = RunDir(cfg.run_dir)
     model, tok = load_model(cfg, None)
@@ -136,7 +137,8 @@ def worker_trl(args, pairs_file: Path, precompute: bool) -> dict:
                     max_length=args.max_length, precompute_ref_log_probs=precompute,
                     precompute_ref_batch_size=args.batch, use_cpu=True, bf16=False, fp16=False,
                     report_to=[], save_strategy="no", logging_steps=10**6, seed=args.seed,
-                    dataloader_num_workers=0, disable_tqdm=True)
+                    dataloader_num_workers=0, disable_tqdm=True,
+                    gradient_checkpointing=args.gradient_checkpointing)
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Marks()])
     t0 = time.perf_counter()
     trainer.train()
@@ -171,6 +173,9 @@ def parse(argv):
     ap.add_argument("--lr", type=float, default=5e-7)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every worker")
+    ap.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=1,
+                    help="activation checkpointing in both trainers (1: TRL's default, which trades compute for "
+                         "memory; 0: off in both)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
     ap.add_argument("--compo-set", action="append", default=[], metavar="KEY=VALUE",
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = args.only or ["compo", "trl", "trl_noprecompute"]
         res = {k: run_worker(args, k, pf) for k in kinds}
     out: dict = {"model": args.model, "pairs": len(pairs), "batch": args.batch, "steps": args.steps,
+                 "gradient_checkpointing": bool(args.gradient_checkpointing),
                  "max_length": args.max_length, "threads": args.threads, "dtype": "float32"}
     for k, r in res.items():
         out[f"{k}_pairs_per_s"] = r["pairs_per_s"]

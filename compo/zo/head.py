@@ -193,44 +193,6 @@ def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales
     return logits_logps(logits, inp, inplace=True)
 
 
-def lower_candidate_logps(base: torch.Tensor, hz: torch.Tensor, z: torch.Tensor, scales: torch.Tensor,
-                          inp: HeadInputs, out: torch.Tensor | None = None, blocks: int = 4) -> torch.Tensor:
-    """:func:`candidate_logps` for the projected estimator, whose ``hz`` (T x k) is lower
-    trapezoidal (:func:`lower_basis`): row t has no entries past column t, so the rows are taken
-    in ``blocks`` bands, band [a, b) multiplying only the first min(b, k) columns of z. With k = T
-    that is (blocks + 1) / (2 blocks) of the dense matmul's work. All c candidates share one
-    GEMM per band, written as (T, c, V) into ``out`` (no other (c, T, V) tensor is made)."""
-    c, v, k = z.shape
-    n_tok = hz.shape[0]
-    flat = (torch.empty(n_tok * c * v, dtype=torch.float32, device=z.device) if out is None
-            else out.view(-1)[: n_tok * c * v]).view(n_tok, c * v)
-    zt = z.reshape(c * v, k)
-    edges = [round(n_tok * i / blocks) for i in range(blocks + 1)]
-    for a, b in zip(edges, edges[1:]):
-        if b > a:
-            cols = min(k, b)
-            torch.mm(hz[a:b, :cols], zt[:, :cols].T, out=flat[a:b])
-    logits = flat.view(n_tok, c, v)
-    logits.mul_(scales.view(1, -1, 1)).add_(base.unsqueeze(1))
-    picked = logits.gather(-1, inp.targets.view(-1, 1, 1).expand(n_tok, c, 1)).squeeze(-1)  # (T, c)
-    mx = logits.amax(dim=-1, keepdim=True)
-    lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
-    return _seq_sums((picked - lse).T, inp.seq, inp.n_seq)
-
-
-def lower_basis(h: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, L): an orthonormal basis Q (H x k) of span{h_t} in which the hidden states are lower
-    trapezoidal, L = h Q (T x k, exact zeros above the diagonal, up to rounding equal to h Q).
-
-    The basis of :func:`projection_basis` rotated by the QR factor of (h Q)^T. Perturbations
-    z ~ N(0, I) in any orthonormal basis of the span have the same law, so this changes which
-    directions a seed draws, not the estimator; it lets :func:`lower_candidate_logps` skip the
-    zero triangle."""
-    q = projection_basis(h, rtol)
-    o, r = torch.linalg.qr((h.double() @ q.double()).T)
-    return (q.double() @ o).float(), r.T.contiguous().float()
-
-
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     """Orthonormal basis Q (H x k) of span{h_t}; k = numerical rank of h."""
     u, s, _ = torch.linalg.svd(h.T.double(), full_matrices=False)

@@ -25,8 +25,7 @@ from compo.zo.estimator import (
     skip_reason, sparsify, update_record,
 )
 from compo.zo.head import (
-    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, lower_basis,
-    lower_candidate_logps,
+    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, projection_basis,
 )
 from compo.zo.monitor import new_state, observe
 from compo.zo.perturb import PerturbationSource
@@ -95,11 +94,7 @@ class ZOTrainer:
              hz: torch.Tensor, z: torch.Tensor, s: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """One oracle call on candidates W + s_i z_i, computing only the evidence it needs."""
         if oracle.needs == Evidence.LOGPROBS:
-            buf = self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1])
-            if self.cfg.estimator == "projected":  # hz is lower trapezoidal: see head.lower_basis
-                cand = lower_candidate_logps(base, hz, z, s, inp, out=buf, blocks=self.cfg.projected_blocks)
-            else:
-                cand = candidate_logps(base, hz, z, s, inp, out=buf)
+            cand = candidate_logps(base, hz, z, s, inp, out=self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1]))
             return oracle.compare(self._batch(texts, len(indices), base_lp, cand))
         return oracle.compare(self._generation_batch(t, items, texts, base_lp, z, s, indices))
 
@@ -155,8 +150,8 @@ class ZOTrainer:
             self._check_head(inp, base_lp)
         v, hdim = self.w.shape
         if cfg.estimator == "projected":
-            q, hz = lower_basis(inp.h)
-            width = q.shape[1]
+            q = projection_basis(inp.h)
+            hz, width = inp.h @ q, q.shape[1]
         else:
             q, hz, width = None, inp.h, hdim
         source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device)
