@@ -9,11 +9,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+LOG=.venv/setup.log  # pip's own chatter goes here; shown only when an install fails
+: > "$LOG"
+pip_install() {
+  if ! "$VPY" -m pip install -q "$@" >>"$LOG" 2>&1; then
+    tail -n 30 "$LOG" >&2
+    echo "setup: pip install $* failed (full log: $LOG)" >&2
+    exit 1
+  fi
+}
+"$VPY" -m pip install -q --upgrade pip >>"$LOG" 2>&1 || true
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing ${COMPO_TORCH:-torch==2.13.0} (CPU wheel)"
-  "$VPY" -m pip install -q "${COMPO_TORCH:-torch==2.13.0}"
+  pip_install "${COMPO_TORCH:-torch==2.13.0}"
 fi
-echo "setup: installing compo and its dependencies"
-"$VPY" -m pip install -q -e ".[dev]"
+echo "setup: installing compo and its dependencies (pip log: $LOG)"
+pip_install -e ".[dev]"
 "$VPY" -c "import torch, transformers, compo; print(f'setup: ok (torch {torch.__version__}, transformers {transformers.__version__}, compo {compo.__version__})')"
