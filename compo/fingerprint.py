@@ -21,7 +21,7 @@ from compo.rundir import RunDir, atomic_write_json, read_json
 
 #: Keys that change what is written or logged, never the numbers.
 OUTPUT_ONLY = {"run_dir", "stage1.enabled", "zo.enabled", "stage1.logging_steps", "stage1.save_steps",
-               "zo.checkpoint_every", "zo.track_pairs", "zo.agreement_stats", "report_to"}
+               "zo.checkpoint_every", "zo.track_pairs", "zo.agreement_stats"}
 #: Judge / oracle options that limit or route a run without changing any answer.
 RUNTIME_OPTIONS = {"max_calls", "max_tokens_total", "max_concurrency", "timeout", "max_retries", "cache_path",
                    "api_key_env", "api_key_file", "fail_fast", "retry_initial", "retry_max_wait",

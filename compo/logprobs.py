@@ -7,6 +7,7 @@ scored positions (the input of the output layer, which stage 2 perturbs).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Sequence
@@ -36,7 +37,12 @@ def _keeps_logits(model) -> bool:
         if inner is None or inner is model:
             break
         model = inner
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _forward_takes_logits_to_keep(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -109,11 +109,9 @@ def _grouped(perm: torch.Tensor, lengths: Sequence[int], per_step: int, gen: tor
     for a in range(0, len(perm), size):
         win = perm[a : a + size]
         win = win[torch.tensor([lengths[int(i)] for i in win]).argsort(descending=True, stable=True)]
-        steps = list(win.split(per_step))
-        full = [j for j, st in enumerate(steps) if len(st) == per_step]
-        order = [full[j] for j in torch.randperm(len(full), generator=gen).tolist()] + \
-                [j for j in range(len(steps)) if j not in full]
-        out += [steps[j] for j in order]
+        steps = list(win.split(per_step))  # only the epoch's last window can end in a short step
+        n_full = len(win) // per_step
+        out += [steps[j] for j in torch.randperm(n_full, generator=gen).tolist()] + steps[n_full:]
     return torch.cat(out)
 
 

@@ -95,7 +95,7 @@ def worker_compo(args, pairs_file: Path) -> dict:
             f"stage1.beta={args.beta}", f"data.max_length={args.max_length}",
             f"data.max_prompt_length={args.max_length - 1}", "model.device=cpu", "model.dtype=float32",
             f"run_dir={args.scratch}/compo", f"seed={args.seed}", f"split.batch_size={args.batch}",
-            f"stage1.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", *args.compo_set]
+            f"stage1.gradient_checkpointing={'true' if args.gradient_checkpointing else 'false'}", *args.compo_set]
     cfg = load_config(None, over)
     run = RunDir(cfg.run_dir)
     model, tok = load_model(cfg, None)
@@ -138,7 +138,7 @@ def worker_trl(args, pairs_file: Path, precompute: bool) -> dict:
                     precompute_ref_batch_size=args.batch, use_cpu=True, bf16=False, fp16=False,
                     report_to=[], save_strategy="no", logging_steps=10**6, seed=args.seed,
                     dataloader_num_workers=0, disable_tqdm=True,
-                    gradient_checkpointing=args.gradient_checkpointing)
+                    gradient_checkpointing=bool(args.gradient_checkpointing))
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Marks()])
     t0 = time.perf_counter()
     trainer.train()

@@ -163,49 +163,26 @@ def compo_per_perturbation(model, item, row, pad_id, cfg, steps: int, seed: int,
     return min(times) / cfg.m, rec
 
 
-def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device) -> tuple[float, int]:
-    """randn(V, H) + h z^T + log-softmax + gather per perturbation (base logits once, outside)."""
-    from compo.zo.head import base_logits, candidate_logps, capture
-
-    with torch.no_grad():
-        inp = capture(model, [item], pad_id)
-        w = model.get_output_embeddings().weight.detach().float()
-        base = base_logits(w, inp)
-        v, hdim = w.shape
-        gen = torch.Generator(device=device).manual_seed(seed)
-        z = torch.empty((1, v, hdim), dtype=torch.float32, device=device)
-        scales = torch.full((1,), radius, device=device)
-
-        def one() -> None:
-            torch.randn((v, hdim), generator=gen, out=z[0])
-            candidate_logps(base, inp.h, z, scales, inp)
-            sync(device)
-
-        one()
-        t0 = CLOCK()
-        for _ in range(reps):
-            one()
-        return (CLOCK() - t0) / reps, int(inp.h.shape[0])
-
-
-def floor_projected_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device) -> tuple[float, int]:
-    """The projected estimator's floor: randn(V, k) + (h Q) z^T (T x k by k x V) + log-softmax +
-    gather per perturbation, with Q (the span of the scored hidden states) and the base logits
-    computed once outside, as one step does."""
+def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device,
+                           projected: bool = False) -> tuple[float, int, int]:
+    """(seconds, scored tokens T, width) per perturbation of randn(V, width) + one head matmul
+    (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
+    width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
+    of their span, as one projected step computes it once)."""
     from compo.zo.head import base_logits, candidate_logps, capture, projection_basis
 
     with torch.no_grad():
         inp = capture(model, [item], pad_id)
         w = model.get_output_embeddings().weight.detach().float()
         base = base_logits(w, inp)
-        hz = inp.h @ projection_basis(inp.h)
-        v, k = w.shape[0], hz.shape[1]
+        hz = inp.h @ projection_basis(inp.h) if projected else inp.h
+        v, width = w.shape[0], hz.shape[1]
         gen = torch.Generator(device=device).manual_seed(seed)
-        z = torch.empty((1, v, k), dtype=torch.float32, device=device)
+        z = torch.empty((1, v, width), dtype=torch.float32, device=device)
         scales = torch.full((1,), radius, device=device)
 
         def one() -> None:
-            torch.randn((v, k), generator=gen, out=z[0])
+            torch.randn((v, width), generator=gen, out=z[0])
             candidate_logps(base, hz, z, scales, inp)
             sync(device)
 
@@ -213,7 +190,7 @@ def floor_projected_per_perturbation(model, item, pad_id, radius: float, reps: i
         t0 = CLOCK()
         for _ in range(reps):
             one()
-        return (CLOCK() - t0) / reps, k
+        return (CLOCK() - t0) / reps, int(inp.h.shape[0]), width
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
 
         load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         log("floor ...")
-        floor_a, n_tok = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed, device)
+        floor_a, n_tok, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed, device)
         log(f"  floor_s={floor_a:.4f}")
-        floor_pa, width = floor_projected_per_perturbation(model, item, pad_id, args.radius, args.floor_reps,
-                                                           args.seed, device)
+        floor_pa, _, width = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed,
+                                                    device, projected=True)
         log(f"  floor_projected_s={floor_pa:.5f} (k={width})")
 
         extra = {} if args.memory_budget_mb is None else {"memory_budget_mb": args.memory_budget_mb}
@@ -288,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  compo_projected_s={proj_s:.5f} (chunk {rec_proj['chunk']})")
 
         log("floor again (the min of both is reported) ...")
-        floor_b, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1, device)
+        floor_b, _, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1, device)
         log(f"  floor_s={floor_b:.4f}")
         floor_s = min(floor_a, floor_b)
-        floor_pb, _ = floor_projected_per_perturbation(model, item, pad_id, args.radius, args.floor_reps,
-                                                       args.seed + 1, device)
+        floor_pb, _, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1,
+                                                device, projected=True)
         log(f"  floor_projected_s={floor_pb:.5f}")
         floor_p = min(floor_pa, floor_pb)
         ref_s = None

@@ -19,6 +19,17 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _default_output():
+    """compo.progress keeps the CLI's verbosity and progress cadence in module globals: every test
+    starts from the defaults, whatever an earlier `--quiet` / `--verbose` run left behind."""
+    from compo import progress
+
+    yield
+    progress.set_verbosity(progress.NORMAL)
+    progress.configure(steps=0, seconds=30.0)
+
+
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     return toy.build_tokenizer()

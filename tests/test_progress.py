@@ -21,13 +21,6 @@ SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", 
          "zo.m=32", "zo.max_steps=3"]
 
 
-@pytest.fixture(autouse=True)
-def _default_output():
-    yield
-    progress.set_verbosity(progress.NORMAL)
-    progress.configure(steps=0, seconds=30.0)
-
-
 class Clock:
     def __init__(self):
         self.t = 100.0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from compo import progress, tracking
+from compo import tracking
 from compo.cli import main
 from compo.config import TRACKERS, RunConfig, load_config
 from compo.errors import UserError
@@ -25,12 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NEEDS_TB = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs the tensorboard extra")
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
          "zo.m=32", "zo.max_steps=3"]
-
-
-@pytest.fixture(autouse=True)
-def _default_output():
-    yield
-    progress.set_verbosity(progress.NORMAL)
 
 
 def _argv(run: Path, *sets: str) -> list[str]:

@@ -60,20 +60,17 @@ class PerturbationSource:
         if out is None:
             out = torch.empty((n, *self.shape), dtype=torch.float32, device=self.device)
         seeds = [perturbation_seed(self.run_seed, step, i) for i in indices]
-        workers = min(self.threads, n)
-        if workers <= 1:
-            for j in range(n):
-                self._gen.manual_seed(seeds[j])
-                torch.randn(self.shape, generator=self._gen, out=out[j])
-            return out[:n]
+        workers = max(1, min(self.threads, n))
 
-        def fill(w: int) -> None:
-            gen = _thread_generator(self.device)
+        def fill(w: int, gen: torch.Generator) -> None:
             for j in range(w, n, workers):
                 gen.manual_seed(seeds[j])
                 torch.randn(self.shape, generator=gen, out=out[j])
 
-        list(_pool(workers).map(fill, range(workers)))
+        if workers == 1:
+            fill(0, self._gen)
+        else:
+            list(_pool(workers).map(lambda w: fill(w, _thread_generator(self.device)), range(workers)))
         return out[:n]
 
     def scales(self, z: torch.Tensor) -> torch.Tensor:
