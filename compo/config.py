@@ -41,6 +41,7 @@ class ModelConfig(_Section):
     gguf_file: Optional[str] = Field(None, description="GGUF file inside `path` to load dequantised (needs `gguf`).")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+    share_prompt: bool = Field(True, description="Score a pair's chosen and rejected in one row holding the prompt once (4D attention mask); false: two padded rows.")
     toy: ToyModelConfig = Field(default_factory=ToyModelConfig, description="Settings of the embedded tiny model.")
 
 

@@ -87,6 +87,11 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip padding, so left- and right-padded rows give identical results."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def pad_id_of(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     return pad if pad is not None else (tokenizer.eos_token_id or 0)

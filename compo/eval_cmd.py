@@ -126,8 +126,9 @@ def run_eval(cfg: RunConfig) -> dict:
             say(f"eval: dropped {enc.n_dropped} of {len(held)} held-out pairs whose prompt exceeds "
                 f"data.max_prompt_length={cfg.data.max_prompt_length}")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        s = score_pairs(model, enc.items, pad, cfg.split.batch_size, desc="eval model")
-        r = score_pairs(ref, enc.items, pad, cfg.split.batch_size, desc="eval reference")
+        s = score_pairs(model, enc.items, pad, cfg.split.batch_size, desc="eval model", shared=cfg.model.share_prompt)
+        r = score_pairs(ref, enc.items, pad, cfg.split.batch_size, desc="eval reference",
+                     shared=cfg.model.share_prompt)
         vals = pair_values(s, r, cfg.stage1.beta)
         vals.pop("margin")
         metrics = summarise(vals, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)

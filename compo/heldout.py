@@ -41,7 +41,7 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
         say(f"eval {label}: reusing the held-out scores in {ws.run.eval_scores}")
     else:
         scores = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, desc=f"eval {label}".strip(),
-                             distributed=True)
+                             distributed=True, shared=cfg.model.share_prompt)
     out = with_intervals(scores, ref, cfg.stage1.beta, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
     out["n_pairs"], out["n_dropped"] = len(enc.items), enc.n_dropped
     if label and world_info()[1] == 0:

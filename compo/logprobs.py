@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from compo.encode import Encoded, collate
+from compo.encode import Encoded, collate, position_ids_from_mask  # noqa: F401 - re-exported
+from compo.errors import UserError
+from compo.pair_batch import PairBatch, shared_batch, two_row_batch
 from compo.progress import bar
 
 
@@ -25,24 +28,32 @@ class SeqLogps:
     targets: list[torch.Tensor] | None = None  # per row (n_tokens_i,): the scored token ids
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip padding, so left- and right-padded rows give identical results."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _keeps_logits(model) -> bool:
-    """Does the (unwrapped: DDP, PEFT) model's forward take ``logits_to_keep``?"""
+def unwrapped(model):
+    """The model inside its DDP / FSDP / PEFT wrappers."""
     for _ in range(4):
         inner = getattr(model, "module", None) or (model.get_base_model() if hasattr(model, "get_base_model") else None)
         if inner is None or inner is model:
             break
         model = inner
-    return _forward_takes_logits_to_keep(type(model))
+    return model
+
+
+def _keeps_logits(model) -> bool:
+    """Does the (unwrapped) model's forward take ``logits_to_keep``?"""
+    return _forward_takes_logits_to_keep(type(unwrapped(model)))
 
 
 @functools.lru_cache(maxsize=None)
 def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def forward_kwargs(model, width: int, start: int) -> dict:
+    """``logits_to_keep`` so logits cover positions ``start..width-1`` only, where the model takes it.
+
+    Nothing before the first position that predicts a scored token is needed: skipping it saves
+    the V-wide head and log-softmax there."""
+    return {"logits_to_keep": width - start} if start > 0 and _keeps_logits(model) else {}
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,7 +75,7 @@ def sequence_logps(
     scored = completion_mask[:, 1:] & attention_mask[:, 1:].bool()
     cols = scored.any(0).nonzero()
     start = int(cols[0]) if cols.numel() else scored.shape[1]
-    extra = {"logits_to_keep": input_ids.shape[1] - start} if start > 0 and _keeps_logits(model) else {}
+    extra = forward_kwargs(model, input_ids.shape[1], start)
     try:
         out = model(
             input_ids=input_ids, attention_mask=attention_mask,
@@ -73,8 +84,6 @@ def sequence_logps(
     finally:
         if hook is not None:
             hook.remove()
-    # logits (and the head's input) cover the last positions only: before the batch's first
-    # scored position nothing is scored, and skipping it saves the V-wide head and log-softmax there
     offset = input_ids.shape[1] - out.logits.shape[1]
     scored, targets = scored[:, offset:], input_ids[:, offset + 1 :]
     per_token = token_logps(out.logits[:, :-1], targets) * scored
@@ -84,6 +93,102 @@ def sequence_logps(
         result.hidden = [h[j][scored[j]].detach() for j in range(h.shape[0])]
         result.targets = [targets[j][scored[j]] for j in range(h.shape[0])]
     return result
+
+
+def pair_batch(model, items: Sequence[Encoded], pad_id: int, shared: bool) -> PairBatch:
+    """The pairs in the layout asked for, on the model's device, with the mask its attention takes."""
+    param = next(model.parameters())
+    if not shared:
+        return two_row_batch(items, pad_id).to(param.device)
+    impl = getattr(unwrapped(model).config, "_attn_implementation", None) or "sdpa"
+    return shared_batch(items, pad_id, param.dtype, bool_mask=impl == "sdpa").to(param.device)
+
+
+def pair_logps(model, items: Sequence[Encoded], pad_id: int, shared: bool = True,
+               capture_hidden: bool = False) -> SeqLogps:
+    """Summed completion log-probs of every pair: 2n sequences, the chosen ones first.
+
+    ``shared``: each pair in one row that holds its prompt once (:mod:`compo.pair_batch`);
+    otherwise two padded rows. Gradients flow if enabled. ``capture_hidden`` also returns the
+    output layer's input at every scored position (what stage 2 perturbs the head against)."""
+    if shared:
+        check_shared_prompt(model)
+    return batch_logps(model, pair_batch(model, items, pad_id, shared), capture_hidden)
+
+
+def batch_logps(model, batch: PairBatch, capture_hidden: bool = False) -> SeqLogps:
+    """:func:`pair_logps` of a built batch: one forward, then a gather at the scored positions."""
+    captured: list[torch.Tensor] = []
+    hook = None
+    if capture_hidden:
+        hook = model.get_output_embeddings().register_forward_hook(lambda _m, inp, _o: captured.append(inp[0]))
+    start = int(batch.pos.min()) if batch.pos.numel() else batch.input_ids.shape[1] - 1
+    try:
+        out = model(**batch.model_inputs(), use_cache=False, **forward_kwargs(model, batch.input_ids.shape[1], start))
+    finally:
+        if hook is not None:
+            hook.remove()
+    offset = batch.input_ids.shape[1] - out.logits.shape[1]
+    logits = out.logits.float()
+    where = (batch.row, batch.pos - offset)
+    per_token = logits[where + (batch.target,)] - torch.logsumexp(logits, dim=-1)[where]
+    width = int(batch.slot.max()) + 1 if batch.slot.numel() else 1
+    # a padded (sequence, token) table summed along its rows: deterministic on every device
+    table = per_token.new_zeros(batch.n_seq, width).index_put((batch.seq, batch.slot), per_token)
+    counts = torch.bincount(batch.seq, minlength=batch.n_seq)
+    result = SeqLogps(table.sum(-1), counts)
+    if capture_hidden:
+        splits = counts.tolist()
+        result.hidden = list(captured[0][where].detach().split(splits))
+        result.targets = list(batch.target.split(splits))
+    return result
+
+
+_SHARED_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models that passed the check
+
+
+def shared_prompt_error(model) -> float:
+    """Largest per-token gap (nats) between the shared-prompt and two-row log-probs of two
+    random pairs; a model that ignores 4D attention masks or position ids shows it at once."""
+    vocab = unwrapped(model).get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    items = [Encoded(0, ids(7), (ids(5), ids(6))), Encoded(1, ids(3), (ids(9), ids(2)))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shared = batch_logps(model, pair_batch(model, items, 0, True))
+            plain = batch_logps(model, pair_batch(model, items, 0, False))
+    finally:
+        model.train(was_training)
+    return float(((shared.logps - plain.logps).abs() / plain.n_tokens).max())
+
+
+def check_shared_prompt(model) -> None:
+    """Refuse, once per model, a model whose forward gives other log-probs in the shared layout.
+
+    The tolerance covers rounding (the two layouts sum attention in other orders): 1e-3
+    nats/token in fp32, 16 ulps of the model's dtype otherwise (bf16: 0.125)."""
+    inner = unwrapped(model)  # checked once, before or inside its DDP / FSDP wrapper
+    if inner in _SHARED_OK:
+        return
+    dtype = next(model.parameters()).dtype
+    tol = max(1e-3, 16 * torch.finfo(dtype).eps)
+    name = type(inner).__name__
+    try:
+        err = shared_prompt_error(model)
+    except Exception as e:  # noqa: BLE001 - e.g. an attention kernel that takes no 4D mask
+        raise UserError("model.share_prompt", f"{name} cannot score a pair in one row "
+                        f"({type(e).__name__}: {e}); set model.share_prompt=false") from None
+    if not err <= tol:
+        raise UserError("model.share_prompt", f"{name} ignores the 4D attention mask or position ids of a "
+                        f"shared-prompt row (log-probs off by {err:.3g} nats/token, tolerance {tol:.3g}); "
+                        "set model.share_prompt=false")
+    _SHARED_OK[inner] = True
 
 
 @dataclass
@@ -126,24 +231,36 @@ def score_sequences(
     return torch.cat(logps), torch.cat(counts)
 
 
+@torch.no_grad()
 def score_pairs(
     model, items: Sequence[Encoded], pad_id: int, batch_size: int = 16, desc: str = "log-probs",
-    progress: bool = True, distributed: bool = False,
+    progress: bool = True, distributed: bool = False, shared: bool = True,
 ) -> PairScores:
-    """Chosen and rejected log-probs of every encoded pair; a pair's two rows share a forward.
+    """Chosen and rejected log-probs of every encoded pair, ``batch_size`` pairs per forward.
 
+    ``shared``: a pair's prompt goes through the model once (``model.share_prompt``).
     ``distributed`` (every process must call it): each process scores a contiguous share of the
     batches and all get every score (:func:`score_pairs_sharded`)."""
     if distributed:
-        return score_pairs_sharded(model, items, pad_id, batch_size, desc, progress)
-    seqs = [s for it in items for s in ((it.prompt, it.completions[0]), (it.prompt, it.completions[1]))]
-    logps, counts = score_sequences(model, seqs, pad_id, 2 * batch_size, desc, progress)
-    return PairScores(logps[0::2], logps[1::2], counts[0::2], counts[1::2])
+        return score_pairs_sharded(model, items, pad_id, batch_size, desc, progress, shared)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in bar(range(0, len(items), batch_size), desc, unit="batch", transient=True, enabled=progress):
+            s = pair_logps(model, items[start : start + batch_size], pad_id, shared)
+            parts.append((s.logps.view(2, -1).cpu(), s.n_tokens.view(2, -1).cpu()))
+    finally:
+        model.train(was_training)
+    if not parts:
+        return PairScores(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    lp, nt = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    return PairScores(lp[0], lp[1], nt[0], nt[1])
 
 
 def score_pairs_sharded(
     model, items: Sequence[Encoded], pad_id: int, batch_size: int = 16, desc: str = "log-probs",
-    progress: bool = True,
+    progress: bool = True, shared: bool = True,
 ) -> PairScores:
     """:func:`score_pairs` with the batches shared out across torch.distributed processes.
 
@@ -156,11 +273,11 @@ def score_pairs_sharded(
 
     world, rank = world_info()
     if world == 1:
-        return score_pairs(model, items, pad_id, batch_size, desc, progress)
+        return score_pairs(model, items, pad_id, batch_size, desc, progress, shared=shared)
     n_batches = -(-len(items) // batch_size)
     pairs = [tuple(min(len(items), b * batch_size) for b in shard_bounds(n_batches, world, r)) for r in range(world)]
     lo, hi = pairs[rank]
-    mine = score_pairs(model, items[lo:hi], pad_id, batch_size, desc, progress)
+    mine = score_pairs(model, items[lo:hi], pad_id, batch_size, desc, progress, shared=shared)
     sizes = [b - a for a, b in pairs]
     device = next(model.parameters()).device
     lp = gather_shards(torch.stack([mine.chosen, mine.rejected], 1).float(), sizes, device)

@@ -160,7 +160,7 @@ def run_split(ws: Workspace) -> SplitResult:
 
         ref_model, _ = load_pretrained(cfg.split.reference, cfg)
     scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs",
-                         distributed=True)  # under torchrun: each process scores a share, all get every score
+                         distributed=True, shared=cfg.model.share_prompt)  # under torchrun: each process scores a share, all get every score
     if ref_model is not ws.model:
         del ref_model
     # a flip swaps a pair's two log-probs: |margin| and finiteness are the same before and after it
@@ -251,7 +251,7 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     ref = torch.stack([split.scores.chosen[idx], split.scores.rejected[idx]], dim=1)
     if cfg.split.reference:
         ref_scores = score_pairs(ws.model, items, ws.pad_id, cfg.split.batch_size, desc="policy-reference log-probs",
-                                 distributed=True)
+                                 distributed=True, shared=cfg.model.share_prompt)
         ref = torch.stack([ref_scores.chosen, ref_scores.rejected], dim=1)
     say(f"stage1: {cfg.stage1.loss} on {len(items)} {cfg.stage1.train_on} pairs")
     t0 = time.time()

@@ -21,8 +21,8 @@ from compo import faults, lora
 from compo import stage1_dist as sd
 from compo.config import RunConfig
 from compo.errors import CheckpointError, Diverged
-from compo.encode import Encoded, collate
-from compo.logprobs import sequence_logps
+from compo.encode import Encoded
+from compo.logprobs import pair_logps
 from compo.progress import bar as progress_bar, say
 from compo.rundir import RunDir, atomic_save_dir, atomic_save_dir_all, atomic_write_json, describe_exc, read_json
 
@@ -55,12 +55,9 @@ def paired_objective(cfg: RunConfig, pad_id: int) -> Callable:
     loss_type = PAIRED_LOSSES[cfg.stage1.loss]
 
     def run(model, items, ref, _data, _idx):
-        device = next(model.parameters()).device
-        seqs = [(it.prompt, it.completions[0]) for it in items] + [(it.prompt, it.completions[1]) for it in items]
-        batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
-        s = sequence_logps(model, **batch)
+        s = pair_logps(model, items, pad_id, cfg.model.share_prompt)
         n = len(items)
-        ref = ref.to(device)
+        ref = ref.to(s.logps.device)
         losses, metrics = dpo_loss(
             s.logps[:n], s.logps[n:], ref[:, 0], ref[:, 1], beta=cfg.stage1.beta, loss_type=loss_type,
             label_smoothing=cfg.stage1.label_smoothing, chosen_tokens=s.n_tokens[:n], rejected_tokens=s.n_tokens[n:],

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compo.encode import collate
-from compo.logprobs import position_ids_from_mask, sequence_logps
+from compo.logprobs import check_shared_prompt, pair_batch, pair_logps
 
 
 @dataclass
@@ -41,42 +40,39 @@ class _HeadInput(Exception):
 
 
 @torch.no_grad()
-def capture(model, items, pad_id: int, check: bool = True) -> HeadInputs:
-    """One forward of the frozen body over the pairs' chosen then rejected sequences.
+def capture(model, items, pad_id: int, check: bool = True, shared: bool = True) -> HeadInputs:
+    """One forward of the frozen body over the pairs (``shared``: each pair in one row, its prompt once).
 
-    ``check=True`` runs the full model (logits over V at every position) so ``forward_logps``
-    can be compared with the cached head once; ``check=False`` stops at the output layer's
-    input: the full-vocab matmul and log-softmax over all positions are skipped.
+    ``check=True`` runs the full model (logits over V at every scored position) so
+    ``forward_logps`` can be compared with the cached head once; ``check=False`` stops at the
+    output layer's input: the full-vocab matmul and log-softmax are skipped.
     """
-    device = next(model.parameters()).device
-    seqs = [(it.prompt, it.completions[0]) for it in items] + [(it.prompt, it.completions[1]) for it in items]
-    batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
     head = model.get_output_embeddings()
     bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+    n_seq = 2 * len(items)
     if check:
-        s = sequence_logps(model, **batch, capture_hidden=True)
+        s = pair_logps(model, items, pad_id, shared, capture_hidden=True)
         h = torch.cat(s.hidden).float()
         targets = torch.cat(s.targets)
-        seq = torch.cat([torch.full((len(t),), j, dtype=torch.long, device=device) for j, t in enumerate(s.targets)])
-        return HeadInputs(h, targets, seq, len(seqs), s.logps.float(), bias)
+        seq = torch.cat([torch.full((len(t),), j, dtype=torch.long, device=h.device) for j, t in enumerate(s.targets)])
+        return HeadInputs(h, targets, seq, n_seq, s.logps.float(), bias)
 
     def stop(_module, args):
         raise _HeadInput(args[0])
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if shared:
+        check_shared_prompt(model)
+    batch = pair_batch(model, items, pad_id, shared)
     hook = head.register_forward_pre_hook(stop)
     try:
-        model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        model(**batch.model_inputs(), use_cache=False)
         raise RuntimeError("the model's forward never called its output layer")
     except _HeadInput as e:
         hidden = e.x
     finally:
         hook.remove()
-    scored = batch["completion_mask"][:, 1:] & mask[:, 1:].bool()
-    h = hidden[:, :-1][scored].float()  # row-major: the same order as the per-row concatenation
-    targets = ids[:, 1:][scored]
-    seq = torch.arange(len(seqs), device=device)[:, None].expand_as(scored)[scored]
-    return HeadInputs(h, targets, seq, len(seqs), None, bias)
+    # the batch lists scored tokens by sequence, then position: the order of the per-row concatenation
+    return HeadInputs(hidden[batch.row, batch.pos].float(), batch.target, batch.seq, n_seq, None, bias)
 
 
 @dataclass

@@ -23,7 +23,8 @@ def select_noisy(ws, split) -> list[int]:
     cfg = ws.cfg
     if cfg.zo.noisy_rule == "paper":
         return split.noisy.nonzero().flatten().tolist()
-    scores = score_pairs(ws.model, split.encoded.items, ws.pad_id, cfg.split.batch_size, desc="policy margins")
+    scores = score_pairs(ws.model, split.encoded.items, ws.pad_id, cfg.split.batch_size, desc="policy margins",
+                          shared=cfg.model.share_prompt)
     margins = margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, cfg.split.margin)
     mask = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile,
                       require_positive=True)
@@ -102,16 +103,18 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     if rank0 and not (resume and (ws.run.checkpoints / "zo").exists()):
         fingerprint.record(ws.run, "stage2", ws.fingerprints.get("stage2") or fingerprint.current(cfg, "stage2"))
     noisy_items = [split.encoded.items[i] for i in idx]
-    before = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs before")
+    before = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs before",
+                         shared=cfg.model.share_prompt)
     t0, earlier = time.time(), _paused_wall(ws, resume)
-    trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer)
+    trainer = ZOTrainer(ws.model, cfg.zo, cfg.seed, oracle, ws.pad_id, accept, ws.tokenizer,
+                        share_prompt=cfg.model.share_prompt)
     total = trainer.total_steps(len(idx))
     schedule = first_steps(len(idx), total, trainer.pairs_for_step)  # the pairs stage 2 trains
     if cfg.zo.track_pairs:
         from compo.zo.track import PairTracker, tracked_indices
 
         tracker = PairTracker(ws.model, noisy_items, [split.rows[i] for i in idx], ws.pad_id,
-                              tracked_indices(schedule, len(idx), cfg.zo.track_pairs))
+                              tracked_indices(schedule, len(idx), cfg.zo.track_pairs), cfg.model.share_prompt)
         tracker.start(trainer.w)
         trainer.extras.append(tracker)
     try:
@@ -136,7 +139,8 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
             final[key] = totals[key]
     if ws.forced.get("stage2"):
         final["forced_resume"] = ws.forced["stage2"]
-    after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after")
+    after = score_pairs(ws.model, noisy_items, ws.pad_id, cfg.split.batch_size, desc="noisy pairs after",
+                        shared=cfg.model.share_prompt)
     final.update(_noisy_shifts(before, after))
     trained = torch.tensor([i in schedule for i in range(len(idx))])
     for name, mask in (("trained", trained), ("untrained", ~trained)):

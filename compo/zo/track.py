@@ -37,10 +37,11 @@ class PairTracker:
     stage-2 record, and ``tracked_pairs`` / ``tracked_start`` to the first step's record. The
     body is frozen, so the pairs' hidden states are captured once."""
 
-    def __init__(self, model, items: Sequence, texts: Sequence, pad_id: int, which: dict[int, int | None]):
+    def __init__(self, model, items: Sequence, texts: Sequence, pad_id: int, which: dict[int, int | None],
+                 shared: bool = True):
         self.which = which
         idx = list(which)
-        self.inp = capture(model, [items[i] for i in idx], pad_id, check=False) if idx else None
+        self.inp = capture(model, [items[i] for i in idx], pad_id, check=False, shared=shared) if idx else None
         self.sources = [texts[i].source for i in idx]
 
     def _logps(self, w: torch.Tensor) -> list[list[float]]:

@@ -54,9 +54,10 @@ class ZOTrainer:
     """Stage 2 over a model whose body stays frozen; only the output layer moves."""
 
     def __init__(self, model, cfg: ZOConfig, run_seed: int, oracle: Oracle, pad_id: int,
-                 accept_oracle: Oracle | None = None, tokenizer=None):
+                 accept_oracle: Oracle | None = None, tokenizer=None, share_prompt: bool = True):
         check_estimator(cfg, oracle)
         self.model, self.cfg, self.seed, self.pad_id = model, cfg, run_seed, pad_id
+        self.share_prompt = share_prompt  # model.share_prompt: how the step's pairs are captured
         self.oracle, self.accept_oracle = oracle, accept_oracle or oracle
         self.untied = untie_head(model)
         for p in model.parameters():
@@ -139,7 +140,7 @@ class ZOTrainer:
         cfg, device = self.cfg, self.w.device
         t0 = time.perf_counter()
         self._base_responses = None  # generated once per step, on first need
-        inp = capture(self.model, items, self.pad_id, check=not self.checked)
+        inp = capture(self.model, items, self.pad_id, check=not self.checked, shared=self.share_prompt)
         base = base_logits(self.w, inp)
         base_lp = logits_logps(base, inp)
         if not torch.isfinite(base_lp).all():
