@@ -177,6 +177,7 @@ class ZOConfig(_Section):
     noisy_rule: Literal["paper", "code"] = Field("paper", description="paper: noisy pairs from the reference split; code: re-split with the current policy and keep margin > 0.")
     chunk_size: int = Field(0, ge=0, description="Perturbations evaluated together; 0 = chosen from memory_budget_mb.")
     memory_budget_mb: int = Field(1024, gt=0, description="Memory for one chunk of perturbed heads and logits.")
+    matmul_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the candidates' h z^T matmul (added to fp32 logits): bfloat16 is several times faster on GPUs and AVX512-BF16 CPUs, at ~0.3% error in each logit offset.")
     checkpoint_every: int = Field(10, ge=0, description="Checkpoint every k steps (0 = only at the end).")
     track_pairs: int = Field(0, ge=0, description="Log every step's log-probs of this many noisy pairs (half trained early, half untrained).")
     oracle: OracleConfig = Field(default_factory=OracleConfig, description="Oracle voting on the m perturbations.")

@@ -24,6 +24,9 @@ Prints one JSON object on stdout (progress on stderr). Besides the three timings
 ``speedup_vs_reference`` = reference_s / compo_full_s, ``ratio_to_floor`` = compo_full_s / floor_s,
 ``completion_tokens`` (scored tokens, chosen + rejected), ``chunk_*`` (perturbations per chunk),
 ``compo_*_loop_s`` (the trainer's own wall-clock perturbation loop, without capture and update).
+``--matmul-dtype bfloat16`` times the compo steps with ``zo.matmul_dtype`` bfloat16 (the floor
+stays float32) and adds ``vote_agreement_vs_float32``: the share of a projected step's m votes
+that are the same as with the float32 matmul.
 
 On a shared machine other processes' threads make multi-threaded timings swing widely (the
 full-model forwards suffer most); ``--threads 1 --clock cpu`` gives steadier numbers.
@@ -163,18 +166,42 @@ def compo_per_perturbation(model, item, row, pad_id, cfg, steps: int, seed: int,
     return min(times) / cfg.m, rec
 
 
+def vote_agreement(model, item, row, pad_id, cfg, seed: int) -> float:
+    """Share of one step's votes that ``cfg`` (e.g. a bfloat16 matmul) gives as float32 does."""
+    from compo.zo.trainer import ZOTrainer
+    from oracles.likelihood import LikelihoodOracle
+
+    class Recording(LikelihoodOracle):
+        def compare(self, batch):
+            y = super().compare(batch)
+            self.votes.append(y.cpu())
+            return y
+
+    votes = []
+    for c in (cfg.model_copy(update={"matmul_dtype": "float32"}), cfg):
+        oracle = Recording()
+        oracle.votes = []
+        trainer = ZOTrainer(model, c, seed, oracle, pad_id)
+        w0, head0 = trainer.w.clone(), trainer.head.weight.detach().clone()
+        trainer.step(0, [item], [row])
+        trainer.head.weight.data.copy_(head0)
+        del w0
+        votes.append(torch.cat(oracle.votes))
+    return float((votes[0] == votes[1]).float().mean())
+
+
 def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device,
                            projected: bool = False) -> tuple[float, int, int]:
     """(seconds, scored tokens T, width) per perturbation of randn(V, width) + one head matmul
     (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
     width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
     of their span, as one projected step computes it once)."""
-    from compo.zo.head import base_logits, candidate_logps, capture, projection_basis
+    from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows
 
     with torch.no_grad():
         inp = capture(model, [item], pad_id)
         w = model.get_output_embeddings().weight.detach().float()
-        base = base_logits(w, inp)
+        base = shift_rows(base_logits(w, inp))
         hz = inp.h @ projection_basis(inp.h) if projected else inp.h
         v, width = w.shape[0], hz.shape[1]
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -213,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                          "with --threads 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's); 1 is steadier on a shared machine")
+    ap.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="zo.matmul_dtype of the compo steps; not float32: also vote_agreement_vs_float32")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
     ap.add_argument("--skip-full", action="store_true", help="do not time the full estimator (an m=1600 full step "
                     "takes minutes on a CPU)")
@@ -250,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  floor_projected_s={floor_pa:.5f} (k={width})")
 
         extra = {} if args.memory_budget_mb is None else {"memory_budget_mb": args.memory_budget_mb}
-        common = dict(m=args.m, radius=args.radius, skip_threshold=0.0, checkpoint_every=0, **extra)
+        common = dict(m=args.m, radius=args.radius, skip_threshold=0.0, checkpoint_every=0,
+                      matmul_dtype=args.matmul_dtype, **extra)
         full_s = rec_full = None
         if not args.skip_full:
             log(f"compo full (m={args.m}) ...")
@@ -263,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             ZOConfig(estimator="projected", distribution="gaussian", sparsity="top_fraction", **common),
             args.steps, args.seed, device)
         log(f"  compo_projected_s={proj_s:.5f} (chunk {rec_proj['chunk']})")
+        agreement = None
+        if args.matmul_dtype != "float32":
+            proj_cfg = ZOConfig(estimator="projected", distribution="gaussian", sparsity="top_fraction", **common)
+            agreement = vote_agreement(model, item, row, pad_id, proj_cfg, args.seed)
+            log(f"  vote_agreement_vs_float32={agreement:.4f}")
 
         log("floor again (the min of both is reported) ...")
         floor_b, _, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1, device)
@@ -304,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_projected": rec_proj["chunk"],
         "compo_full_loop_s": None if rec_full is None else 1.0 / rec_full["perturbations_per_s"],
         "compo_projected_loop_s": 1.0 / rec_proj["perturbations_per_s"],
+        "matmul_dtype": args.matmul_dtype,
+        "vote_agreement_vs_float32": agreement,
         "loadavg_1m": None if load0 is None else [round(load0, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(out), file=real_stdout, flush=True)

@@ -170,23 +170,55 @@ def head_logps(w: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
     return logits_logps(base_logits(w, inp), inp)
 
 
+def shift_rows(base: torch.Tensor) -> torch.Tensor:
+    """Base logits minus each row's max: log-probs are unchanged, and a candidate's logits
+    (base + a small offset) can go through exp() without the max pass of a log-sum-exp."""
+    return base - base.amax(dim=-1, keepdim=True)
+
+
 def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales: torch.Tensor,
-                    inp: HeadInputs, out: torch.Tensor | None = None) -> torch.Tensor:
+                    inp: HeadInputs, out: torch.Tensor | None = None, matmul_dtype: torch.dtype = torch.float32,
+                    scratch=None) -> torch.Tensor:
     """(c, n_seq) log-probs of candidates W + s_i z_i given base logits (T, V).
 
     ``h`` is the hidden states in the basis ``z`` lives in: the full h (T x H) with z of shape
-    (c, V, H), or the projected h Q (T x k) with z of shape (c, V, k). ``out``: a reusable
-    buffer of at least c*T*V floats for the candidate logits (overwritten); the log-sum-exp is
-    done in place, so no other (c, T, V) tensor is allocated (each would be a fresh mmap and
-    page-faulted on every chunk).
+    (c, V, H), or the projected h Q (T x k) with z of shape (c, V, k). Each candidate's logits are
+    ``base + (s_i h) z_i^T`` (the scale folded into the small h); pass ``base`` through
+    :func:`shift_rows` and the log-sum-exp needs no max pass (a chunk whose exp() overflows is
+    redone with one). ``out``: a reusable buffer of at least c*T*V floats for the candidate
+    logits (overwritten); the log-sum-exp is done in place, so no other (c, T, V) fp32 tensor is
+    allocated (each would be a fresh mmap and page-faulted on every chunk). ``matmul_dtype``
+    (``zo.matmul_dtype``): bfloat16 / float16 round z and h for the matmul, whose product is added
+    to the fp32 base; ``scratch(name, numel, dtype)`` gives reusable buffers for that.
     """
     c, n_tok, v = z.shape[0], h.shape[0], z.shape[1]
-    if out is None:
-        logits = torch.matmul(h, z.transpose(1, 2))  # (c, T, V)
-    else:
-        logits = torch.matmul(h.expand(c, *h.shape), z.transpose(1, 2), out=out.view(-1)[: c * n_tok * v].view(c, n_tok, v))
-    logits.mul_(scales.view(-1, 1, 1)).add_(base)
-    return logits_logps(logits, inp, inplace=True)
+    hs = h.unsqueeze(0) * scales.view(-1, 1, 1)  # (c, T, width)
+    logits = (out.view(-1)[: c * n_tok * v].view(c, n_tok, v) if out is not None
+              else torch.empty((c, n_tok, v), dtype=torch.float32, device=z.device))
+
+    def fill() -> torch.Tensor:
+        if matmul_dtype == torch.float32:
+            torch.matmul(hs, z.transpose(1, 2), out=logits)
+            return logits.add_(base)
+        zl = z.to(matmul_dtype) if scratch is None else scratch("z_low", z.numel(), matmul_dtype).view_as(z).copy_(z)
+        low = None if scratch is None else scratch("logits_low", c * n_tok * v, matmul_dtype).view(c, n_tok, v)
+        low = torch.matmul(hs.to(matmul_dtype), zl.transpose(1, 2), out=low)
+        return logits.copy_(low).add_(base)  # two passes: a mixed-dtype add is several times slower
+
+    lp = shifted_logps(fill(), inp)
+    if lp is None:  # exp() overflowed or every term underflowed: the max-shifted log-sum-exp
+        lp = logits_logps(fill(), inp, inplace=True)
+    return lp
+
+
+def shifted_logps(logits: torch.Tensor, inp: HeadInputs) -> torch.Tensor | None:
+    """:func:`logits_logps` in place without the max shift (logits near or below 0 by
+    construction); None when a log-sum-exp is not finite."""
+    picked = logits.gather(-1, inp.targets.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    lse = logits.exp_().sum(dim=-1).log_()
+    if not torch.isfinite(lse).all():
+        return None
+    return _seq_sums(picked - lse, inp.seq, inp.n_seq)
 
 
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
@@ -196,7 +228,8 @@ def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     return u[:, : max(k, 1)].float()
 
 
-def chunk_size(budget_mb: int, v: int, width: int, n_tokens: int) -> int:
-    """Perturbations per chunk so the draws and the candidate logits fit ``budget_mb``."""
-    per = 4 * (v * width + 2 * n_tokens * v)
+def chunk_size(budget_mb: int, v: int, width: int, n_tokens: int, low_bytes: int = 0) -> int:
+    """Perturbations per chunk so the draws and the candidate logits fit ``budget_mb``
+    (``low_bytes``: the element size of a reduced-precision matmul's copies of both)."""
+    per = 4 * (v * width + 2 * n_tokens * v) + low_bytes * (v * width + n_tokens * v)
     return max(1, int(budget_mb * 2**20 // per))

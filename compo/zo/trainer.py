@@ -21,11 +21,12 @@ from compo.models import untie_head
 from compo.progress import bar as progress_bar, say, warn
 from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
 from compo.zo.estimator import (
-    agreement_record, agreement_skip_reason, agreements, normalise, proposed_head, signal_cosine, signal_mu2,
-    skip_reason, sparsify, update_record,
+    agreement_record, agreement_skip_reason, agreements, all_finite, normalise, proposed_head, signal_cosine,
+    signal_mu2, skip_reason, sparsify, update_record,
 )
 from compo.zo.head import (
-    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, logits_logps, projection_basis,
+    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, projection_basis, shift_rows,
+    shifted_logps,
 )
 from compo.zo.monitor import new_state, observe
 from compo.zo.perturb import PerturbationSource
@@ -92,10 +93,13 @@ class ZOTrainer:
         )
 
     def _ask(self, oracle: Oracle, t: int, items, texts, inp: HeadInputs, base: torch.Tensor, base_lp: torch.Tensor,
-             hz: torch.Tensor, z: torch.Tensor, s: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """One oracle call on candidates W + s_i z_i, computing only the evidence it needs."""
+             hz: torch.Tensor, z: torch.Tensor, s: torch.Tensor, indices: list[int],
+             matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One oracle call on candidates W + s_i z_i, computing only the evidence it needs
+        (``base``: the base logits through :func:`shift_rows`)."""
         if oracle.needs == Evidence.LOGPROBS:
-            cand = candidate_logps(base, hz, z, s, inp, out=self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1]))
+            cand = candidate_logps(base, hz, z, s, inp, out=self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1]),
+                                   matmul_dtype=matmul_dtype, scratch=self._buffer)
             return oracle.compare(self._batch(texts, len(indices), base_lp, cand))
         return oracle.compare(self._generation_batch(t, items, texts, base_lp, z, s, indices))
 
@@ -108,12 +112,12 @@ class ZOTrainer:
         gen = lambda: self.generator.generate(prompts, self.w, z, s, step=t, indices=indices)  # noqa: E731
         return self._batch(texts, len(indices), base_lp, None, gen, self._base_responses)
 
-    def _buffer(self, name: str, numel: int) -> torch.Tensor:
-        """A flat fp32 scratch tensor of at least ``numel`` entries, kept across steps."""
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A flat scratch tensor of at least ``numel`` entries, kept across steps."""
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel:
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
             self._buffers.pop(name, None)
-            buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32, device=self.w.device)
+            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.w.device)
         return buf[:numel]
 
     def _check_head(self, inp: HeadInputs, base_lp: torch.Tensor) -> None:
@@ -141,8 +145,8 @@ class ZOTrainer:
         t0 = time.perf_counter()
         self._base_responses = None  # generated once per step, on first need
         inp = capture(self.model, items, self.pad_id, check=not self.checked, shared=self.share_prompt)
-        base = base_logits(self.w, inp)
-        base_lp = logits_logps(base, inp)
+        base = shift_rows(base_logits(self.w, inp))  # candidates: base + offset, no max pass (head.py)
+        base_lp = shifted_logps(base.clone(), inp)  # the candidates' arithmetic, at offset 0
         if not torch.isfinite(base_lp).all():
             raise Diverged(f"stage2 step {t + 1}: the model's log-probs of the step's pairs are not finite "
                            "(the body or the head holds non-finite values)")
@@ -156,7 +160,9 @@ class ZOTrainer:
         else:
             q, hz, width = None, inp.h, hdim
         source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device)
-        c = cfg.chunk_size or chunk_size(cfg.memory_budget_mb, v, width, inp.h.shape[0])
+        matmul_dtype = getattr(torch, cfg.matmul_dtype)
+        low = 0 if matmul_dtype == torch.float32 else matmul_dtype.itemsize
+        c = cfg.chunk_size or chunk_size(cfg.memory_budget_mb, v, width, inp.h.shape[0], low)
         c = min(c, cfg.m)
         buf = self._buffer("z", c * v * width).view(c, v, width)
         u = self._buffer("u", v * width).view(v, width).zero_()  # sum_i y_i z_i, fp32
@@ -181,7 +187,7 @@ class ZOTrainer:
             if deferred:
                 self.oracle.collect(self._generation_batch(t, items, texts, base_lp, z, s, list(idx)), idx.start)
                 continue
-            y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx))
+            y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx), matmul_dtype)
             votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
             if world == 1:
                 accumulate(idx, z, s)
@@ -198,7 +204,7 @@ class ZOTrainer:
         t_perturb = time.perf_counter() - t1
         if faults.poisoned("zo.votes"):
             u.fill_(float("nan"))
-        if not torch.isfinite(u).all():
+        if not all_finite(u):
             raise Diverged(f"stage2 step {t + 1}: the estimate sum(y_i z_i) is not finite (zo.radius={cfg.radius})")
         n_minus = int((votes == BETTER).sum())
         frac = n_minus / cfg.m
@@ -246,7 +252,7 @@ class ZOTrainer:
                               "paid for are cached)")
         if new_w is not None and faults.poisoned("zo.update"):
             new_w = new_w * float("inf")
-        if new_w is not None and not torch.isfinite(new_w).all():
+        if new_w is not None and not all_finite(new_w):
             raise Diverged(f"stage2 step {t + 1}: the updated head is not finite (zo.gamma={cfg.gamma}); "
                            "model/ was not written and the last checkpoint is kept")
         after_lp = base_lp
