@@ -149,14 +149,18 @@ _SHARED_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models th
 
 def shared_prompt_error(model) -> float:
     """Largest per-token gap (nats) between the shared-prompt and two-row log-probs of two
-    random pairs; a model that ignores 4D attention masks or position ids shows it at once."""
+    probe pairs. In the first, the chosen completion repeats one token 24 times and the
+    rejected one repeats it again: a model that lets rejected tokens see the chosen ones (a 4D
+    mask ignored) predicts that token far better. The second is random, with other lengths,
+    so padding and position ids are exercised too."""
     vocab = unwrapped(model).get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
 
     def ids(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
-    items = [Encoded(0, ids(7), (ids(5), ids(6))), Encoded(1, ids(3), (ids(9), ids(2)))]
+    tok = ids(1)
+    items = [Encoded(0, ids(7), (tok * 24, tok * 6)), Encoded(1, ids(3), (ids(9), ids(2)))]
     was_training = model.training
     model.eval()
     try:
@@ -172,12 +176,14 @@ def check_shared_prompt(model) -> None:
     """Refuse, once per model, a model whose forward gives other log-probs in the shared layout.
 
     The tolerance covers rounding (the two layouts sum attention in other orders): 1e-3
-    nats/token in fp32, 16 ulps of the model's dtype otherwise (bf16: 0.125)."""
+    nats/token in fp32, 64 ulps of the model's dtype otherwise (bf16 0.5, fp16 0.0625). SmolLM2
+    with SDPA measures 0.006 (bf16), 0.009 (fp16) and 6e-6 (fp32); the same model ignoring the
+    mask is off by 8.7 nats/token, ignoring the position ids by 3.6, in every dtype."""
     inner = unwrapped(model)  # checked once, before or inside its DDP / FSDP wrapper
     if inner in _SHARED_OK:
         return
     dtype = next(model.parameters()).dtype
-    tol = max(1e-3, 16 * torch.finfo(dtype).eps)
+    tol = max(1e-3, 64 * torch.finfo(dtype).eps)
     name = type(inner).__name__
     try:
         err = shared_prompt_error(model)

@@ -8,6 +8,9 @@ Two layouts give the same log-probs (to rounding):
   through the model once instead of twice (on hh-rlhf about 1/3 fewer tokens per pair).
 - two padded rows per pair, chosen rows first (the plain layout of :func:`compo.encode.collate`).
 
+The 4D mask replaces the model's own mask logic, so a sliding-window layer attends over the
+whole causal range: the same results for rows shorter than the window (Mistral-7B: 4096).
+
 Either way a scored token is (row, pos, target, seq): the logits at ``pos`` of ``row`` predict
 ``target``, which belongs to sequence ``seq`` (chosen of pair b: b; rejected: n_pairs + b).
 """
@@ -52,7 +55,7 @@ def _scored(rows: list[list[tuple[int, int, int]]]) -> tuple[torch.Tensor, ...]:
 
 
 def two_row_batch(items: Sequence[Encoded], pad_id: int) -> PairBatch:
-    """Chosen rows then rejected rows, right-padded (the layout every compo version used)."""
+    """Chosen rows then rejected rows, right-padded (``model.share_prompt=false``)."""
     seqs = [(it.prompt, it.completions[0]) for it in items] + [(it.prompt, it.completions[1]) for it in items]
     b = collate(seqs, pad_id)
     per_seq = []

@@ -112,3 +112,23 @@ def test_a_model_that_ignores_the_mask_or_positions_is_refused(toy_reference, dr
     with pytest.raises(UserError, match=r"model\.share_prompt.*ignores the 4D attention mask or position ids"):
         check_shared_prompt(bad)
     assert pair_logps(bad, ITEMS, 0, shared=False).logps.shape == (6,)  # two rows still work
+
+
+def test_the_pipeline_splits_the_same_pairs_with_either_layout(tmp_path, capsys):
+    from compo.cli import main
+    from compo.rundir import read_jsonl
+
+    sets = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
+            "zo.m=32", "zo.max_steps=2"]
+    splits = {}
+    for shared in ("true", "false"):
+        run = tmp_path / shared
+        args = ["pipeline", "-c", "tests/tiny.yaml", "--run-dir", str(run), "--set", f"model.share_prompt={shared}"]
+        for s in sets:
+            args += ["--set", s]
+        assert main(args) == 0
+        splits[shared] = read_jsonl(run / "split.jsonl")
+    a, b = splits["true"], splits["false"]
+    assert len(a) == len(b) == 96
+    assert max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("logp_chosen", "logp_rejected")) < 1e-4
+    assert [x["noisy"] for x in a] == [y["noisy"] for y in b]

@@ -138,6 +138,19 @@ def self_check(inp: HeadInputs, weight: torch.Tensor, bias: torch.Tensor | None 
     return SelfCheck(err, self_check_tolerance(weight.dtype, max_abs, floor, k), max_abs, weight.dtype)
 
 
+def require_plain_head(inp: HeadInputs, head: torch.nn.Module, floor: float = 2e-3) -> None:
+    """Raise unless the output layer's input reproduces the model's log-probs (no hidden logit
+    post-processing). The reference is the head applied in the model's dtype
+    (:func:`self_check`), with a tolerance that follows that dtype's precision."""
+    chk = self_check(inp, head.weight.detach(), getattr(head, "bias", None), floor=floor)
+    if not chk.ok:
+        raise RuntimeError(
+            f"the output layer's input does not reproduce the model's log-probs (max per-token error "
+            f"{chk.max_err:.2e} > tolerance {chk.tol:.2e} for {str(chk.dtype).removeprefix('torch.')}, "
+            f"max |logit| {chk.max_abs_logit:.1f}); the model post-processes logits (soft-capping or "
+            "scaling?), which stage 2 does not support")
+
+
 def _seq_sums(tok: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
     """Sum per-token values (..., T) into per-sequence sums (..., n_seq)."""
     out = torch.zeros((*tok.shape[:-1], n_seq), dtype=tok.dtype, device=tok.device)

@@ -25,8 +25,8 @@ from compo.zo.estimator import (
     signal_mu2, skip_reason, sparsify, update_record,
 )
 from compo.zo.head import (
-    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, projection_basis, shift_rows,
-    shifted_logps,
+    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, projection_basis, require_plain_head,
+    shift_rows, shifted_logps,
 )
 from compo.zo.monitor import new_state, observe
 from compo.zo.perturb import PerturbationSource
@@ -120,22 +120,9 @@ class ZOTrainer:
             buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.w.device)
         return buf[:numel]
 
-    def _check_head(self, inp: HeadInputs, base_lp: torch.Tensor) -> None:
-        """The cached head must reproduce the model's own log-probs (no hidden logit post-processing).
-
-        The reference is the head applied in the model's dtype (``head.self_check``), with a
-        tolerance that follows that dtype's precision: ``base_lp`` (the fp32 master head on
-        upcast hidden states) differs from a bf16/fp16 forward by rounding alone.
-        """
-        from compo.zo.head import self_check
-
-        chk = self_check(inp, self.head.weight.detach(), getattr(self.head, "bias", None), floor=CHECK_ATOL_PER_TOKEN)
-        if not chk.ok:
-            raise RuntimeError(
-                f"the output layer's input does not reproduce the model's log-probs (max per-token error "
-                f"{chk.max_err:.2e} > tolerance {chk.tol:.2e} for {str(chk.dtype).removeprefix('torch.')}, "
-                f"max |logit| {chk.max_abs_logit:.1f}); the model post-processes logits (soft-capping or "
-                "scaling?), which stage 2 does not support")
+    def _check_head(self, inp: HeadInputs) -> None:
+        """The cached head must reproduce the model's own log-probs (:func:`require_plain_head`)."""
+        require_plain_head(inp, self.head, CHECK_ATOL_PER_TOKEN)
         self.checked = True
 
     @torch.no_grad()
@@ -152,7 +139,7 @@ class ZOTrainer:
                            "(the body or the head holds non-finite values)")
         refused0 = self._refusals()
         if not self.checked:
-            self._check_head(inp, base_lp)
+            self._check_head(inp)
         v, hdim = self.w.shape
         if cfg.estimator == "projected":
             q = projection_basis(inp.h)
