@@ -95,6 +95,24 @@ def sequence_logps(
     return result
 
 
+def slots_of(seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Each token's index among the earlier tokens of its sequence."""
+    onehot = torch.nn.functional.one_hot(seq, n_seq)
+    return (onehot.cumsum(0) - 1).gather(1, seq[:, None]).squeeze(1)
+
+
+def seq_sums(values: torch.Tensor, seq: torch.Tensor, n_seq: int, slot: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token values (..., T) summed into per-sequence sums (..., n_seq).
+
+    The values go into a padded (sequence, slot) table that is summed along its rows. This is
+    deterministic on every device; ``index_add_`` is not on CUDA, where it adds atomically."""
+    slot = slots_of(seq, n_seq) if slot is None else slot
+    width = int(slot.max()) + 1 if slot.numel() else 1
+    table = values.new_zeros(*values.shape[:-1], n_seq, width)
+    table[..., seq, slot] = values
+    return table.sum(-1)
+
+
 def pair_batch(model, items: Sequence[Encoded], pad_id: int, shared: bool) -> PairBatch:
     """The pairs in the layout asked for, on the model's device, with the mask its attention takes."""
     param = next(model.parameters())
@@ -132,11 +150,8 @@ def batch_logps(model, batch: PairBatch, capture_hidden: bool = False) -> SeqLog
     logits = out.logits.float()
     where = (batch.row, batch.pos - offset)
     per_token = logits[where + (batch.target,)] - torch.logsumexp(logits, dim=-1)[where]
-    width = int(batch.slot.max()) + 1 if batch.slot.numel() else 1
-    # a padded (sequence, token) table summed along its rows: deterministic on every device
-    table = per_token.new_zeros(batch.n_seq, width).index_put((batch.seq, batch.slot), per_token)
     counts = torch.bincount(batch.seq, minlength=batch.n_seq)
-    result = SeqLogps(table.sum(-1), counts)
+    result = SeqLogps(seq_sums(per_token, batch.seq, batch.n_seq, batch.slot), counts)
     if capture_hidden:
         splits = counts.tolist()
         result.hidden = list(captured[0][where].detach().split(splits))

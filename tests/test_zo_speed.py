@@ -117,3 +117,19 @@ def test_the_trainer_evaluates_candidates_the_plain_way(toy_reference, toy_pairs
     z = src.draw(0, range(6))
     fast = candidate_logps(shift_rows(base_logits(w, inp)), inp.h, z, src.scales(z), inp)
     torch.testing.assert_close(fast, _plain(base_logits(w, inp), inp.h, z, src.scales(z), inp), atol=1e-5, rtol=0)
+
+
+def test_sequence_sums_match_index_add_in_any_token_order():
+    from compo.logprobs import seq_sums, slots_of
+
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 5, (40,), generator=gen)  # unsorted; sequence 4 may be empty
+    seq[seq == 4] = 3
+    vals = torch.randn(3, 7, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected = torch.zeros(3, 7, 5, dtype=torch.float64).index_add_(-1, seq, vals.detach())
+    got = seq_sums(vals, seq, 5)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert got[..., 4].abs().max() == 0
+    assert slots_of(torch.tensor([1, 0, 1, 1, 0]), 2).tolist() == [0, 0, 1, 2, 1]
+    got.sum().backward()
+    assert torch.equal(vals.grad, torch.ones_like(vals))

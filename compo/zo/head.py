@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compo.logprobs import check_shared_prompt, pair_batch, pair_logps
+from compo.logprobs import check_shared_prompt, pair_batch, pair_logps, seq_sums
 
 
 @dataclass
@@ -151,12 +151,6 @@ def require_plain_head(inp: HeadInputs, head: torch.nn.Module, floor: float = 2e
             "scaling?), which stage 2 does not support")
 
 
-def _seq_sums(tok: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
-    """Sum per-token values (..., T) into per-sequence sums (..., n_seq)."""
-    out = torch.zeros((*tok.shape[:-1], n_seq), dtype=tok.dtype, device=tok.device)
-    return out.index_add_(-1, seq, tok)
-
-
 def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False) -> torch.Tensor:
     """Per-sequence summed log-probs from logits (..., T, V).
 
@@ -170,7 +164,7 @@ def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False) -
         lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
     else:
         lse = torch.logsumexp(logits, dim=-1)
-    return _seq_sums(picked - lse, inp.seq, inp.n_seq)
+    return seq_sums(picked - lse, inp.seq, inp.n_seq)
 
 
 def base_logits(w: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
@@ -231,7 +225,7 @@ def shifted_logps(logits: torch.Tensor, inp: HeadInputs) -> torch.Tensor | None:
     lse = logits.exp_().sum(dim=-1).log_()
     if not torch.isfinite(lse).all():
         return None
-    return _seq_sums(picked - lse, inp.seq, inp.n_seq)
+    return seq_sums(picked - lse, inp.seq, inp.n_seq)
 
 
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
