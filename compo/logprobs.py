@@ -101,13 +101,16 @@ def slots_of(seq: torch.Tensor, n_seq: int) -> torch.Tensor:
     return (onehot.cumsum(0) - 1).gather(1, seq[:, None]).squeeze(1)
 
 
-def seq_sums(values: torch.Tensor, seq: torch.Tensor, n_seq: int, slot: torch.Tensor | None = None) -> torch.Tensor:
+def seq_sums(values: torch.Tensor, seq: torch.Tensor, n_seq: int, slot: torch.Tensor | None = None,
+             width: int | None = None) -> torch.Tensor:
     """Per-token values (..., T) summed into per-sequence sums (..., n_seq).
 
     The values go into a padded (sequence, slot) table that is summed along its rows. This is
-    deterministic on every device; ``index_add_`` is not on CUDA, where it adds atomically."""
+    deterministic on every device; ``index_add_`` is not on CUDA, where it adds atomically.
+    ``slot`` / ``width`` (the longest sequence), when known, save recomputing them."""
     slot = slots_of(seq, n_seq) if slot is None else slot
-    width = int(slot.max()) + 1 if slot.numel() else 1
+    if width is None:
+        width = int(slot.max()) + 1 if slot.numel() else 1
     table = values.new_zeros(*values.shape[:-1], n_seq, width)
     table[..., seq, slot] = values
     return table.sum(-1)

@@ -133,3 +133,23 @@ def test_sequence_sums_match_index_add_in_any_token_order():
     assert slots_of(torch.tensor([1, 0, 1, 1, 0]), 2).tolist() == [0, 0, 1, 2, 1]
     got.sum().backward()
     assert torch.equal(vals.grad, torch.ones_like(vals))
+
+
+def test_a_non_finite_head_stops_the_step_as_diverged(toy_reference, toy_pairs):
+    """The base log-probs go through the max-free path, which returns None when not finite:
+    the step must still end in Diverged (exit code for a diverged run), not a TypeError."""
+    from compo.errors import Diverged
+
+    model, tok = copy.deepcopy(toy_reference[0]), toy_reference[1]
+    enc = encode_rows(toy_pairs[0][:1], tok, 32, 16)
+    trainer = ZOTrainer(model, ZOConfig(estimator="projected", m=8, checkpoint_every=0), 0, LikelihoodOracle(), 0)
+    trainer.w[3, 0] = float("nan")
+    with pytest.raises(Diverged, match="log-probs of the step's pairs are not finite"):
+        trainer.step(0, enc.items, toy_pairs[0][:1])
+
+
+def test_head_inputs_sum_per_sequence_with_their_cached_layout():
+    inp, _, _, _ = _inputs(t=10)
+    vals = torch.arange(20.0).view(2, 10)
+    assert inp.layout[1] == 3 and inp.layout[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1]
+    assert inp.sums(vals).tolist() == [[3.0, 7.0, 18.0, 17.0], [33.0, 27.0, 48.0, 37.0]]

@@ -8,11 +8,12 @@ never a full-model forward (DESIGN.md §2, "Cost").
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from compo.logprobs import check_shared_prompt, pair_batch, pair_logps, seq_sums
+from compo.logprobs import check_shared_prompt, pair_batch, pair_logps, seq_sums, slots_of
 
 
 @dataclass
@@ -29,6 +30,16 @@ class HeadInputs:
     @property
     def n_pairs(self) -> int:
         return self.n_seq // 2
+
+    @functools.cached_property
+    def layout(self) -> tuple[torch.Tensor, int]:
+        """(each token's index within its sequence, the longest sequence): made once, not per chunk."""
+        slot = slots_of(self.seq, self.n_seq)
+        return slot, int(slot.max()) + 1 if slot.numel() else 1
+
+    def sums(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Per-token values (..., T) summed per sequence (..., n_seq), deterministically."""
+        return seq_sums(per_token, self.seq, self.n_seq, *self.layout)
 
 
 class _HeadInput(Exception):
@@ -164,7 +175,7 @@ def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False) -
         lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
     else:
         lse = torch.logsumexp(logits, dim=-1)
-    return seq_sums(picked - lse, inp.seq, inp.n_seq)
+    return inp.sums(picked - lse)
 
 
 def base_logits(w: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
@@ -225,7 +236,7 @@ def shifted_logps(logits: torch.Tensor, inp: HeadInputs) -> torch.Tensor | None:
     lse = logits.exp_().sum(dim=-1).log_()
     if not torch.isfinite(lse).all():
         return None
-    return seq_sums(picked - lse, inp.seq, inp.n_seq)
+    return inp.sums(picked - lse)
 
 
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:

@@ -133,8 +133,8 @@ class ZOTrainer:
         self._base_responses = None  # generated once per step, on first need
         inp = capture(self.model, items, self.pad_id, check=not self.checked, shared=self.share_prompt)
         base = shift_rows(base_logits(self.w, inp))  # candidates: base + offset, no max pass (head.py)
-        base_lp = shifted_logps(base.clone(), inp)  # the candidates' arithmetic, at offset 0
-        if not torch.isfinite(base_lp).all():
+        base_lp = shifted_logps(base.clone(), inp)  # the candidates' arithmetic, at offset 0; None: not finite
+        if base_lp is None or not torch.isfinite(base_lp).all():
             raise Diverged(f"stage2 step {t + 1}: the model's log-probs of the step's pairs are not finite "
                            "(the body or the head holds non-finite values)")
         refused0 = self._refusals()
