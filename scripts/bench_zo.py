@@ -16,8 +16,8 @@ All three are measured in one run, on one preference pair, on the same (untied) 
 * ``step_m{m}_projected_s`` / ``step_m{m}_full_s``: one whole step (m perturbations), wall or CPU
   seconds per ``--clock``; ``--m 1600`` gives the paper's step.
 * ``floor_s``: one ``torch.randn`` V x H fp32 draw plus one head matmul h z^T over the pair's
-  scored tokens, log-softmax over V and gather (``compo.zo.head.candidate_logps``), per
-  perturbation; measured before and after the compo steps, the smaller is reported (on a
+  scored tokens, log-softmax over V and gather (``compo.zo.head.candidate_logps``, in the
+  trainer's vocab tiles on the CPU), per perturbation; measured before and after the compo steps, the smaller is reported (on a
   shared machine the load drifts: ``loadavg_1m`` gives it at the start and the end).
 
 Prints one JSON object on stdout (progress on stderr). Besides the three timings:
@@ -196,7 +196,7 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
     (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
     width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
     of their span, as one projected step computes it once)."""
-    from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows
+    from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows, vocab_tile
 
     with torch.no_grad():
         inp = capture(model, [item], pad_id)
@@ -207,10 +207,11 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
         gen = torch.Generator(device=device).manual_seed(seed)
         z = torch.empty((1, v, width), dtype=torch.float32, device=device)
         scales = torch.full((1,), radius, device=device)
+        tile = vocab_tile(device, hz.shape[0], v)  # the trainer's own tiling (head.vocab_tile)
 
         def one() -> None:
             torch.randn((v, width), generator=gen, out=z[0])
-            candidate_logps(base, hz, z, scales, inp)
+            candidate_logps(base, hz, z, scales, inp, tile=tile)
             sync(device)
 
         one()

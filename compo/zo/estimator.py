@@ -31,8 +31,10 @@ def sparsify(g: torch.Tensor, rule: str = "absolute", lambda_g: float = 2.2e-4, 
 
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x``: its float64 sum is finite exactly then (fp32 entries cannot
-    overflow it), and one reduction is ~25x cheaper than ``isfinite(x).all()`` on a head."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+    overflow it), and one reduction is ~25x cheaper than ``isfinite(x).all()`` on a head.
+    A finite sum in x's own dtype already proves it (an inf or NaN entry makes any sum inf or
+    NaN) at a fraction of the float64 cost; only a non-finite one (or an overflow) needs that."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x.sum(dtype=torch.float64)))
 
 
 def top_indices(a: torch.Tensor, k: int, sample: int = 1 << 18) -> torch.Tensor:
@@ -58,9 +60,13 @@ def skip_reason(n_minus: int, m: int, threshold: float) -> str | None:
     return None
 
 
-def proposed_head(w: torch.Tensor, g_sparse: torch.Tensor, gamma: float, frac: float) -> torch.Tensor:
-    """W - gamma * (N-/m) * g_sparse: a step against the estimated 'worse' direction."""
-    return w - (gamma * frac) * g_sparse
+def proposed_head(w: torch.Tensor, g_sparse: torch.Tensor, gamma: float, frac: float,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """W - gamma * (N-/m) * g_sparse: a step against the estimated 'worse' direction (into
+    ``out`` when given: the same two roundings, no fresh head-sized tensors)."""
+    if out is None:
+        return w - (gamma * frac) * g_sparse
+    return torch.sub(w, torch.mul(g_sparse, gamma * frac, out=out), out=out)
 
 
 def signal_mu2(u_sq_norm: float, n_votes: int, dim: int, sphere: bool = False) -> float:

@@ -194,23 +194,40 @@ def shift_rows(base: torch.Tensor) -> torch.Tensor:
     return base - base.amax(dim=-1, keepdim=True)
 
 
+TILE_BYTES = 3 << 20  # a CPU tile of candidate logits: about this many bytes, so it stays in cache
+
+
+def vocab_tile(device: torch.device | str, n_tok: int, v: int) -> int:
+    """Vocab columns per tile of a candidate's logits; 0: the whole chunk at once.
+
+    On the CPU a (c, T, V) block of candidate logits is far larger than the caches, so each of
+    its passes (matmul, add, exp, sum) went to memory; a (T, tile) tile of one candidate stays
+    in cache through all of them. GPUs get the one batched matmul (0)."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return min(v, max(512, TILE_BYTES // (4 * max(1, n_tok)) // 512 * 512))
+
+
 def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales: torch.Tensor,
                     inp: HeadInputs, out: torch.Tensor | None = None, matmul_dtype: torch.dtype = torch.float32,
-                    scratch=None) -> torch.Tensor:
+                    scratch=None, tile: int = 0) -> torch.Tensor:
     """(c, n_seq) log-probs of candidates W + s_i z_i given base logits (T, V).
 
     ``h`` is the hidden states in the basis ``z`` lives in: the full h (T x H) with z of shape
     (c, V, H), or the projected h Q (T x k) with z of shape (c, V, k). Each candidate's logits are
     ``base + (s_i h) z_i^T`` (the scale folded into the small h); pass ``base`` through
     :func:`shift_rows` and the log-sum-exp needs no max pass (a chunk whose exp() overflows is
-    redone with one). ``out``: a reusable buffer of at least c*T*V floats for the candidate
-    logits (overwritten); the log-sum-exp is done in place, so no other (c, T, V) fp32 tensor is
-    allocated (each would be a fresh mmap and page-faulted on every chunk). ``matmul_dtype``
-    (``zo.matmul_dtype``): bfloat16 / float16 round z and h for the matmul, whose product is added
-    to the fp32 base; ``scratch(name, numel, dtype)`` gives reusable buffers for that.
+    redone with one). ``tile`` (:func:`vocab_tile`): evaluate one candidate's logits ``tile``
+    vocab columns at a time, never the whole block; 0: the whole chunk at once, in ``out``, a
+    reusable buffer of at least c*T*V floats (overwritten; the log-sum-exp is done in place, so no
+    other (c, T, V) fp32 tensor is allocated). ``matmul_dtype`` (``zo.matmul_dtype``): bfloat16 /
+    float16 round z and h for the matmul, whose product is added to the fp32 base;
+    ``scratch(name, numel, dtype)`` gives reusable buffers for that.
     """
-    c, n_tok, v = z.shape[0], h.shape[0], z.shape[1]
     hs = h.unsqueeze(0) * scales.view(-1, 1, 1)  # (c, T, width)
+    if tile:
+        return tiled_logps(base, hs, z, inp, tile, matmul_dtype, scratch)
+    c, n_tok, v = z.shape[0], h.shape[0], z.shape[1]
     logits = (out.view(-1)[: c * n_tok * v].view(c, n_tok, v) if out is not None
               else torch.empty((c, n_tok, v), dtype=torch.float32, device=z.device))
 
@@ -227,6 +244,69 @@ def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales
     if lp is None:  # exp() overflowed or every term underflowed: the max-shifted log-sum-exp
         lp = logits_logps(fill(), inp, inplace=True)
     return lp
+
+
+def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | None, inp: HeadInputs, tile: int,
+                matmul_dtype: torch.dtype = torch.float32, scratch=None) -> torch.Tensor:
+    """(c, n_seq) log-probs of logits ``base + hs_i z_i^T``, one candidate and ``tile`` vocab
+    columns at a time (``hs`` None: the base alone, c = 1, with the same arithmetic).
+
+    The target logits come from a (c, T, width) gather of z's target rows, not from the tiles;
+    each row's sum of exp() is summed over its tiles in a fixed order. As in
+    :func:`candidate_logps`, a shifted base needs no max pass; when a sum is not finite the
+    step is redone with a per-tile max (combined exactly: ``M + log sum_j s_j exp(m_j - M)``).
+    """
+    n_tok, v = base.shape
+    low = None if matmul_dtype == torch.float32 else matmul_dtype
+    picked = base.gather(1, inp.targets.unsqueeze(1)).squeeze(1).expand(1 if hs is None else hs.shape[0], n_tok)
+    if hs is not None:
+        zt = z.index_select(1, inp.targets)  # (c, T, width): each token's target row of z
+        if low is not None:
+            zt, hs = zt.to(low), hs.to(low)
+        picked = picked + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float()
+    lse = _tiled_lse(base, hs, z, tile, low, scratch, shift=False)
+    if not torch.isfinite(lse).all():  # exp() overflowed or every term underflowed
+        lse = _tiled_lse(base, hs, z, tile, low, scratch, shift=True)
+    return inp.sums(picked - lse)
+
+
+def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool) -> torch.Tensor:
+    """(c, T) log-sum-exp over V of base + hs_i z_i^T, built one (T, tile) tile at a time."""
+    n_tok, v = base.shape
+    c = 1 if hs is None else hs.shape[0]
+    edges = list(range(0, v, tile))
+    get = scratch or (lambda name, numel, dtype: torch.empty(numel, dtype=dtype, device=base.device))
+    buf = get("tile", n_tok * tile, torch.float32).view(n_tok, tile)
+    buf_low = None if low is None else get("tile_low", n_tok * tile, low).view(n_tok, tile)
+    z_low = None if low is None else get("z_tile_low", tile * z.shape[2], low).view(tile, z.shape[2])
+    sums = torch.empty((c, len(edges), n_tok), dtype=torch.float32, device=base.device)
+    tops = torch.empty_like(sums) if shift else None
+    for i in range(c):
+        for j, a in enumerate(edges):
+            b = min(v, a + tile)
+            t = buf[:, : b - a]
+            if hs is None:
+                t.copy_(base[:, a:b])
+            elif low is None:
+                torch.addmm(base[:, a:b], hs[i], z[i, a:b].T, out=t)
+            else:
+                zl = z_low[: b - a].copy_(z[i, a:b])
+                t.copy_(torch.mm(hs[i], zl.T, out=buf_low[:, : b - a])).add_(base[:, a:b])
+            if shift:
+                torch.amax(t, -1, out=tops[i, j])
+                t.sub_(tops[i, j].unsqueeze(1))
+            torch.sum(t.exp_(), -1, out=sums[i, j])
+    if not shift:
+        return sums.sum(1).log_()
+    top = tops.amax(1, keepdim=True)
+    return (sums * (tops - top).exp()).sum(1).log_().add_(top.squeeze(1))
+
+
+def base_logps(base: torch.Tensor, inp: HeadInputs, tile: int = 0) -> torch.Tensor | None:
+    """(n_seq,) log-probs of the (shifted) base logits with the candidates' arithmetic at offset
+    0, so a candidate whose offset is 0 ties with the base; None when not finite."""
+    lp = shifted_logps(base.clone(), inp) if not tile else tiled_logps(base, None, None, inp, tile)[0]
+    return lp if lp is not None and torch.isfinite(lp).all() else None
 
 
 def shifted_logps(logits: torch.Tensor, inp: HeadInputs) -> torch.Tensor | None:
@@ -248,6 +328,8 @@ def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
 
 def chunk_size(budget_mb: int, v: int, width: int, n_tokens: int, low_bytes: int = 0) -> int:
     """Perturbations per chunk so the draws and the candidate logits fit ``budget_mb``
-    (``low_bytes``: the element size of a reduced-precision matmul's copies of both)."""
+    (``low_bytes``: the element size of a reduced-precision matmul's copies of both). Tiled
+    evaluation (:func:`vocab_tile`) needs less; the chunk stays the same, so the order in which
+    the votes are summed does too."""
     per = 4 * (v * width + 2 * n_tokens * v) + low_bytes * (v * width + n_tokens * v)
     return max(1, int(budget_mb * 2**20 // per))

@@ -25,8 +25,8 @@ from compo.zo.estimator import (
     signal_mu2, skip_reason, sparsify, update_record,
 )
 from compo.zo.head import (
-    HeadInputs, base_logits, candidate_logps, capture, chunk_size, head_logps, projection_basis, require_plain_head,
-    shift_rows, shifted_logps,
+    HeadInputs, base_logits, base_logps, candidate_logps, capture, chunk_size, head_logps, projection_basis,
+    require_plain_head, shift_rows, vocab_tile,
 )
 from compo.zo.monitor import new_state, observe
 from compo.zo.perturb import PerturbationSource
@@ -65,6 +65,7 @@ class ZOTrainer:
             p.requires_grad_(False)
         self.head = model.get_output_embeddings()
         self.w = self.head.weight.detach().float().clone()  # fp32 master copy (DESIGN.md §2)
+        self._spare: torch.Tensor | None = None  # the next proposed head is written here (_spare_head)
         self.checked = False
         self._buffers: dict[str, torch.Tensor] = {}  # reused across steps: fresh big tensors cost page faults
         self.generator = None
@@ -98,8 +99,10 @@ class ZOTrainer:
         """One oracle call on candidates W + s_i z_i, computing only the evidence it needs
         (``base``: the base logits through :func:`shift_rows`)."""
         if oracle.needs == Evidence.LOGPROBS:
-            cand = candidate_logps(base, hz, z, s, inp, out=self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1]),
-                                   matmul_dtype=matmul_dtype, scratch=self._buffer)
+            tile = vocab_tile(z.device, hz.shape[0], z.shape[1])
+            out = None if tile else self._buffer("logits", z.shape[0] * hz.shape[0] * z.shape[1])
+            cand = candidate_logps(base, hz, z, s, inp, out=out, matmul_dtype=matmul_dtype, scratch=self._buffer,
+                                   tile=tile)
             return oracle.compare(self._batch(texts, len(indices), base_lp, cand))
         return oracle.compare(self._generation_batch(t, items, texts, base_lp, z, s, indices))
 
@@ -120,6 +123,13 @@ class ZOTrainer:
             buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.w.device)
         return buf[:numel]
 
+    def _spare_head(self) -> torch.Tensor:
+        """A head-sized tensor for the next proposed head: the previous master head, swapped out
+        when a step is taken (a fresh 100+ MB tensor costs page faults on every step)."""
+        if self._spare is None or self._spare.shape != self.w.shape or self._spare is self.w:
+            self._spare = torch.empty_like(self.w)
+        return self._spare
+
     def _check_head(self, inp: HeadInputs) -> None:
         """The cached head must reproduce the model's own log-probs (:func:`require_plain_head`)."""
         require_plain_head(inp, self.head, CHECK_ATOL_PER_TOKEN)
@@ -133,8 +143,9 @@ class ZOTrainer:
         self._base_responses = None  # generated once per step, on first need
         inp = capture(self.model, items, self.pad_id, check=not self.checked, shared=self.share_prompt)
         base = shift_rows(base_logits(self.w, inp))  # candidates: base + offset, no max pass (head.py)
-        base_lp = shifted_logps(base.clone(), inp)  # the candidates' arithmetic, at offset 0; None: not finite
-        if base_lp is None or not torch.isfinite(base_lp).all():
+        tile = vocab_tile(device, inp.h.shape[0], self.w.shape[0])
+        base_lp = base_logps(base, inp, tile)  # the candidates' arithmetic, at offset 0; None: not finite
+        if base_lp is None:
             raise Diverged(f"stage2 step {t + 1}: the model's log-probs of the step's pairs are not finite "
                            "(the body or the head holds non-finite values)")
         refused0 = self._refusals()
@@ -216,7 +227,7 @@ class ZOTrainer:
                 reason = "zero direction: the votes cancel exactly"
             else:
                 g_sparse = sparsify(g, cfg.sparsity, cfg.lambda_g, cfg.rho)
-                new_w = proposed_head(self.w, g_sparse, cfg.gamma, frac)
+                new_w = proposed_head(self.w, g_sparse, cfg.gamma, frac, out=self._spare_head())
         if new_w is not None and cfg.acceptance_check:
             step_dir = (new_w - self.w)[None]
             verdict = torch.zeros(1, dtype=torch.int8)
@@ -246,7 +257,7 @@ class ZOTrainer:
         if new_w is not None:
             dtype = self.head.weight.dtype
             rec.update(update_record(self.w, new_w, g_sparse, dtype))
-            self.w = new_w
+            self._spare, self.w = self.w, new_w
             self.head.weight.data.copy_(new_w.to(dtype))
             after_lp = head_logps(self.w, inp)
             if not torch.isfinite(after_lp).all():
