@@ -1,6 +1,7 @@
 """The stage-2 fast paths against their plain definitions: the max-free log-sum-exp of shifted
 base logits (and its overflow fallback), the reduced-precision candidate matmul
-(zo.matmul_dtype), the sampled top-k and the one-reduction finiteness check."""
+(zo.matmul_dtype), CPU vocab tiles, the sampled top-k, the buffered proposed head and the
+one-reduction finiteness check."""
 
 import copy
 import math
@@ -10,8 +11,11 @@ import torch
 
 from compo.config import ZOConfig
 from compo.encode import encode_rows
-from compo.zo.estimator import all_finite, sparsify, top_indices
-from compo.zo.head import HeadInputs, base_logits, candidate_logps, capture, chunk_size, logits_logps, shift_rows
+from compo.zo.estimator import all_finite, proposed_head, sparsify, top_indices
+from compo.zo.head import (
+    HeadInputs, base_logits, base_logps, candidate_logps, capture, chunk_size, logits_logps, shift_rows, tiled_logps,
+    vocab_tile,
+)
 from compo.zo.perturb import PerturbationSource
 from compo.zo.trainer import ZOTrainer
 from oracles import LikelihoodOracle
@@ -153,3 +157,74 @@ def test_head_inputs_sum_per_sequence_with_their_cached_layout():
     vals = torch.arange(20.0).view(2, 10)
     assert inp.layout[1] == 3 and inp.layout[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 0, 1]
     assert inp.sums(vals).tolist() == [[3.0, 7.0, 18.0, 17.0], [33.0, 27.0, 48.0, 37.0]]
+
+
+# tiled candidate evaluation (CPU) and the buffered update path
+
+@pytest.mark.parametrize("tile", [7, 16, 50, 64])
+def test_tiles_give_the_plain_log_probs_and_the_batched_path_agrees(tile):
+    inp, base, z, s = _inputs()
+    expected = _plain(base, inp.h, z, s, inp)
+    sb = shift_rows(base)
+    tiled = candidate_logps(sb, inp.h, z, s, inp, tile=tile)
+    torch.testing.assert_close(tiled, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiled, candidate_logps(sb, inp.h, z, s, inp), atol=1e-5, rtol=0)
+
+
+def test_a_zero_offset_ties_with_the_base_exactly():
+    inp, base, z, s = _inputs(v=70)
+    sb = shift_rows(base)
+    got = candidate_logps(sb, inp.h, torch.zeros_like(z), s, inp, tile=16)
+    assert torch.equal(got, base_logps(sb, inp, 16).expand_as(got))
+    assert torch.equal(tiled_logps(sb, None, None, inp, 16)[0], base_logps(sb, inp, 16))
+
+
+def test_overflow_in_a_tile_falls_back_to_the_per_tile_max():
+    inp, base, z, s = _inputs()
+    expected = _plain(base, inp.h, z, s, inp)
+    got = candidate_logps(base + 200.0, inp.h, z, s, inp, tile=16)  # exp(200) overflows fp32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert base_logps(base + 200.0, inp, 16) is not None
+    assert base_logps(torch.full_like(base, float("nan")), inp, 16) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_tiled_matmul_stays_close_and_uses_scratch(dtype):
+    inp, base, z, s = _inputs(t=40, width=16, v=400, seed=1)
+    s = s * 0.01
+    sb = shift_rows(base)
+    base_lp = base_logps(sb, inp, 64)
+    exact = candidate_logps(sb, inp.h, z, s, inp, tile=64) - base_lp
+    bufs: dict = {}
+    low = candidate_logps(sb, inp.h, z, s, inp, matmul_dtype=dtype, tile=64,
+                          scratch=lambda name, n, dt: bufs.setdefault(name, torch.empty(n, dtype=dt)))
+    rel = float(((low - base_lp) - exact).abs().max() / exact.abs().max())
+    assert 0 < rel < 0.01
+    assert bufs["tile_low"].dtype == dtype and bufs["tile_low"].numel() == 40 * 64
+    assert bufs["tile"].dtype == torch.float32
+
+
+def test_tile_width_keeps_a_tile_near_three_megabytes_on_the_cpu_only():
+    assert vocab_tile("cpu", 91, 49152) == 8192  # 3 MiB / (4 B * 91 rows) = 8642 -> 8192
+    assert vocab_tile("cpu", 91, 5000) == 5000
+    assert vocab_tile("cpu", 4000, 49152) == 512
+    assert vocab_tile(torch.device("cuda"), 91, 49152) == 0
+
+
+def test_the_proposed_head_into_a_buffer_is_bit_identical():
+    gen = torch.Generator().manual_seed(3)
+    w, g = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    out = torch.empty_like(w)
+    got = proposed_head(w, g, 0.37, 0.41, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, w - (0.37 * 0.41) * g)
+
+
+def test_all_finite_decides_on_the_cheap_sum_when_it_is_finite():
+    x = torch.randn(300, 40)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[123, 7] = bad
+        assert not all_finite(y)
