@@ -7,24 +7,38 @@ import math
 import torch
 
 
-def normalise(u: torch.Tensor) -> torch.Tensor | None:
-    """g = u / ||u||_2, or None when u is zero (no usable direction)."""
-    norm = torch.linalg.vector_norm(u, dtype=torch.float64)
+def norm64(x: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
+    """||x||_2 accumulated in float64, a block at a time: no float64 copy of a head-sized x."""
+    flat, acc = x.reshape(-1), torch.zeros((), dtype=torch.float64, device=x.device)
+    for a in range(0, flat.numel(), block):
+        part = flat[a : a + block].double()
+        acc += torch.dot(part, part)
+    return acc.sqrt()
+
+
+def normalise(u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """g = u / ||u||_2 (into ``out`` when given, which may be u), or None when u is zero (no
+    usable direction)."""
+    norm = norm64(u)
     if norm == 0 or not torch.isfinite(norm):
         return None
-    return u / norm.to(u.dtype)
+    return torch.div(u, norm.to(u.dtype), out=out)
 
 
-def sparsify(g: torch.Tensor, rule: str = "absolute", lambda_g: float = 2.2e-4, rho: float = 0.01) -> torch.Tensor:
-    """Zero small entries without renormalising: |g_j| >= lambda_g (paper) or the top rho fraction."""
+def sparsify(g: torch.Tensor, rule: str = "absolute", lambda_g: float = 2.2e-4, rho: float = 0.01,
+             inplace: bool = False) -> torch.Tensor:
+    """Zero small entries without renormalising: |g_j| >= lambda_g (paper) or the top rho
+    fraction (``inplace``: in g's own storage)."""
     if rule == "absolute":
-        return g.masked_fill(g.abs() < lambda_g, 0.0)
+        mask = g.abs() < lambda_g
+        return g.masked_fill_(mask, 0.0) if inplace else g.masked_fill(mask, 0.0)
     if rule == "top_fraction":
         k = max(1, min(g.numel(), math.ceil(rho * g.numel())))
-        flat = g.flatten()
+        flat = g.reshape(-1)
         keep = top_indices(flat.abs(), k)
-        out = torch.zeros_like(flat)
-        out[keep] = flat[keep]
+        vals = flat[keep]
+        out = flat.zero_() if inplace else torch.zeros_like(flat)
+        out[keep] = vals
         return out.view_as(g)
     raise ValueError(f"unknown sparsity rule '{rule}', allowed: absolute, top_fraction")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from compo.logprobs import check_shared_prompt, pair_batch, pair_logps, seq_sums, slots_of
@@ -194,7 +195,7 @@ def shift_rows(base: torch.Tensor) -> torch.Tensor:
     return base - base.amax(dim=-1, keepdim=True)
 
 
-TILE_BYTES = 3 << 20  # a CPU tile of candidate logits: about this many bytes, so it stays in cache
+TILE_BYTES = 1 << 20  # a CPU tile of candidate logits: about this many bytes, so it stays in a core's L2
 
 
 def vocab_tile(device: torch.device | str, n_tok: int, v: int) -> int:
@@ -287,19 +288,38 @@ def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool) -> torch.Tenso
             t = buf[:, : b - a]
             if hs is None:
                 t.copy_(base[:, a:b])
-            elif low is None:
-                torch.addmm(base[:, a:b], hs[i], z[i, a:b].T, out=t)
             else:
-                zl = z_low[: b - a].copy_(z[i, a:b])
-                t.copy_(torch.mm(hs[i], zl.T, out=buf_low[:, : b - a])).add_(base[:, a:b])
+                tile_logits(t, base, hs[i], z[i, a:b], a, z_low, buf_low)
             if shift:
                 torch.amax(t, -1, out=tops[i, j])
                 t.sub_(tops[i, j].unsqueeze(1))
-            torch.sum(t.exp_(), -1, out=sums[i, j])
+            torch.sum(exp_(t), -1, out=sums[i, j])
     if not shift:
         return sums.sum(1).log_()
     top = tops.amax(1, keepdim=True)
     return (sums * (tops - top).exp()).sum(1).log_().add_(top.squeeze(1))
+
+
+def exp_(t: torch.Tensor) -> torch.Tensor:
+    """``t.exp_()``; a CPU float32 tile goes through NumPy's exp, about twice as fast as torch's
+    on one core here (both vectorised, both within a few ulps), with the GIL released."""
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        a = t.numpy()
+        with np.errstate(over="ignore", under="ignore"):  # an overflow is caught by the caller's finiteness check
+            np.exp(a, out=a)
+        return t
+    return t.exp_()
+
+
+def tile_logits(t: torch.Tensor, base: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor, a: int,
+                z_low: torch.Tensor | None = None, buf_low: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` (T, n) = base[:, a:a+n] + hs rows^T for one candidate's z rows a..a+n; with the
+    low-precision buffers (``z_low``: >= n x width, ``buf_low``: T x >= n) the matmul is in their dtype."""
+    n = rows.shape[0]
+    if z_low is None:
+        return torch.addmm(base[:, a : a + n], hs, rows.T, out=t)
+    zl = z_low[:n].copy_(rows)
+    return t.copy_(torch.mm(hs, zl.T, out=buf_low[:, :n])).add_(base[:, a : a + n])
 
 
 def base_logps(base: torch.Tensor, inp: HeadInputs, tile: int = 0) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ can regenerate any perturbation and only votes need to travel (DESIGN.md §4).""
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,13 +13,23 @@ import torch
 _MASK63 = (1 << 63) - 1
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _LOCAL = threading.local()
+_TILE_CHECK: dict[str, bool] = {}
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``workers`` draw threads, made once."""
+def _one_thread() -> None:
+    """A pool thread runs its torch ops on itself alone: the pool is the parallelism."""
+    torch.set_num_threads(1)
+
+
+def in_workers(workers: int, fn) -> None:
+    """``fn(w)`` for w in 0..workers-1, each on its own thread of a process-wide pool (made
+    once) whose threads run single-threaded torch ops: what a worker computes does not depend
+    on how many threads torch was given (MKL's sgemm, for one, picks its kernel by them)."""
     if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="compo-draw")
-    return _POOLS[workers]
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="compo-zo", initializer=_one_thread)
+    n = torch.get_num_threads()
+    list(_POOLS[workers].map(fn, range(workers)))
+    torch.set_num_threads(n)  # a pool thread's set_num_threads(1) is also the default for new threads
 
 
 def _thread_generator(device: torch.device) -> torch.Generator:
@@ -54,23 +65,54 @@ class PerturbationSource:
         n = threads if threads is not None else torch.get_num_threads()
         self.threads = max(1, n) if self.device.type == "cpu" else 1
 
+    def generator(self, step: int, index: int) -> torch.Generator:
+        """This thread's generator, seeded for perturbation ``index`` of ``step``."""
+        gen = _thread_generator(self.device) if self.device.type == "cpu" else self._gen
+        return gen.manual_seed(perturbation_seed(self.run_seed, step, index))
+
+    @staticmethod
+    def fill(gen: torch.Generator, rows: torch.Tensor) -> None:
+        """The next ``rows.numel()`` numbers of ``gen``'s stream into ``rows`` (contiguous)."""
+        torch.randn(rows.shape, generator=gen, out=rows)
+
+    def tiles_match(self, tile: int) -> bool:
+        """Whether filling a draw ``tile`` rows at a time gives the one-call draw bit for bit.
+
+        torch's CPU normal fill turns uniforms into normals in blocks of 16 (a last block of an
+        odd size redrawn), so blocks of whole 16s, then a last one of 16 or more, chain exactly;
+        checked once on a small draw, so a torch whose fill works otherwise loses only the fused path."""
+        v, width = self.shape[0], math.prod(self.shape[1:])
+        if self.device.type != "cpu":
+            return False
+        if tile >= v:
+            return True  # one fill call
+        if (tile * width) % 16 or 0 < (v % tile) * width < 16:
+            return False
+        if "ok" not in _TILE_CHECK:
+            gen = torch.Generator().manual_seed(12345)
+            whole = torch.randn((37, 7), generator=gen)  # tiles of 16 rows (112 numbers), then 5 rows
+            gen.manual_seed(12345)
+            tiled = torch.empty_like(whole)
+            for a in range(0, 37, 16):
+                self.fill(gen, tiled[a : a + 16])
+            _TILE_CHECK["ok"] = torch.equal(whole, tiled)
+        return _TILE_CHECK["ok"]
+
     def draw(self, step: int, indices: range | list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Raw N(0, 1) draws, shape (len(indices), *shape), fp32."""
         n = len(indices)
         if out is None:
             out = torch.empty((n, *self.shape), dtype=torch.float32, device=self.device)
-        seeds = [perturbation_seed(self.run_seed, step, i) for i in indices]
         workers = max(1, min(self.threads, n))
 
-        def fill(w: int, gen: torch.Generator) -> None:
+        def fill(w: int) -> None:
             for j in range(w, n, workers):
-                gen.manual_seed(seeds[j])
-                torch.randn(self.shape, generator=gen, out=out[j])
+                self.fill(self.generator(step, indices[j]), out[j])
 
-        if workers == 1:
-            fill(0, self._gen)
+        if self.device.type == "cpu":
+            in_workers(workers, fill)
         else:
-            list(_pool(workers).map(lambda w: fill(w, _thread_generator(self.device)), range(workers)))
+            fill(0)
         return out[:n]
 
     def scales(self, z: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from compo import faults
 from compo.config import ZOConfig
@@ -19,7 +18,7 @@ from compo.dist import Ranks, all_gather_votes, all_reduce_sum, broadcast_votes,
 from compo.errors import Diverged, Paused
 from compo.models import untie_head
 from compo.progress import bar as progress_bar, say, warn
-from compo.rundir import RunDir, atomic_save_dir, atomic_write_json, read_json
+from compo.rundir import RunDir
 from compo.zo.estimator import (
     agreement_record, agreement_skip_reason, agreements, all_finite, normalise, proposed_head, signal_cosine,
     signal_mu2, skip_reason, sparsify, update_record,
@@ -29,6 +28,8 @@ from compo.zo.head import (
     require_plain_head, shift_rows, vocab_tile,
 )
 from compo.zo.monitor import new_state, observe
+from compo.zo.checkpoint import load_head, save_head
+from compo.zo.fused import fused_logps
 from compo.zo.perturb import PerturbationSource
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.generation import GenerationOracle
@@ -176,16 +177,23 @@ class ZOTrainer:
             coef = votes[idx.start : idx.stop].to(device=device, dtype=torch.float32) * (s / cfg.radius)
             u.view(1, -1).addmm_(coef[None], z.flatten(1))
 
+        # CPU likelihood oracles: each candidate drawn and evaluated by one thread, tile by tile (fused.py)
+        fused = bool(tile) and not deferred and self.oracle.needs == Evidence.LOGPROBS
         t1 = time.perf_counter()
         for k, idx in enumerate(chunks):
             if k % world != rank:
                 continue
-            z = source.draw(t, idx, out=buf)
-            s = source.scales(z)
-            if deferred:
-                self.oracle.collect(self._generation_batch(t, items, texts, base_lp, z, s, list(idx)), idx.start)
-                continue
-            y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx), matmul_dtype)
+            if fused:
+                cand, s = fused_logps(source, t, list(idx), buf, base, hz, inp, tile, matmul_dtype)
+                z = buf[: len(idx)]
+                y = self.oracle.compare(self._batch(texts, len(idx), base_lp, cand))
+            else:
+                z = source.draw(t, idx, out=buf)
+                s = source.scales(z)
+                if deferred:
+                    self.oracle.collect(self._generation_batch(t, items, texts, base_lp, z, s, list(idx)), idx.start)
+                    continue
+                y = self._ask(self.oracle, t, items, texts, inp, base, base_lp, hz, z, s, list(idx), matmul_dtype)
             votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
             if world == 1:
                 accumulate(idx, z, s)
@@ -222,11 +230,12 @@ class ZOTrainer:
             reason = agreement_skip_reason(rec["n_agree"], rec["n_votes"], cfg.skip_alpha)
         new_w = g_sparse = None
         if reason is None:
-            g = normalise(u @ q.T if q is not None else u)
+            g = self._buffer("g", v * hdim).view(v, hdim)  # reused: a fresh head-sized tensor page-faults
+            g = normalise(torch.matmul(u, q.T, out=g) if q is not None else u, out=g)
             if g is None:
                 reason = "zero direction: the votes cancel exactly"
             else:
-                g_sparse = sparsify(g, cfg.sparsity, cfg.lambda_g, cfg.rho)
+                g_sparse = sparsify(g, cfg.sparsity, cfg.lambda_g, cfg.rho, inplace=True)
                 new_w = proposed_head(self.w, g_sparse, cfg.gamma, frac, out=self._spare_head())
         if new_w is not None and cfg.acceptance_check:
             step_dir = (new_w - self.w)[None]
@@ -381,23 +390,12 @@ class ZOTrainer:
         return totals
 
     def load_checkpoint(self, ckpt_dir: Path, total: int) -> tuple[int, dict]:
-        """Restore the head and totals from ``ckpt_dir``, checking step range, shape and values."""
-        from compo.checks import ZO_STATE_KEYS, check_head_file, check_step
-
-        state = read_json(ckpt_dir / "state.json", required=ZO_STATE_KEYS)
-        step = check_step(ckpt_dir / "state.json", state["step"], 0, total, "stage-2")
-        w = check_head_file(ckpt_dir / "head.safetensors", tuple(self.w.shape))
+        """Restore the head and totals from ``ckpt_dir`` (checkpoint.load_head checks them)."""
+        step, totals, w = load_head(ckpt_dir, tuple(self.w.shape), total)
         self.w = w.to(self.w.device)
         self.head.weight.data.copy_(self.w.to(self.head.weight.dtype))
-        return step, state["totals"]
+        return step, totals
 
     def save_checkpoint(self, ckpt_dir: Path, step: int, totals: dict) -> None:
         """Head (fp32 master), step, seed and totals, written as one directory swap."""
-
-        def save(tmp: Path) -> None:
-            save_file({"weight": self.w.contiguous().cpu()}, str(tmp / "head.safetensors"))
-            faults.point("zo.checkpoint")
-            atomic_write_json(tmp / "state.json", {"step": step, "seed": self.seed, "totals": totals,
-                                                   "m": self.cfg.m, "radius": self.cfg.radius})
-
-        atomic_save_dir(ckpt_dir, save)
+        save_head(ckpt_dir, self.w, step, self.seed, totals, self.cfg.m, self.cfg.radius)

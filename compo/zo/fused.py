@@ -1,0 +1,79 @@
+"""CPU stage-2 candidates one per thread, drawn and evaluated a vocab tile at a time.
+
+Each worker thread owns whole perturbations. It draws z_i one (tile, width) block at a time and
+evaluates that block's candidate logits while the block is still in cache: draw, matmul, exp,
+row sums, all with single-threaded torch ops. The draws equal one whole-tensor draw
+(:meth:`PerturbationSource.tiles_match`), and the arithmetic is :func:`tiled_logps`'s, one
+candidate at a time. A candidate's numbers do not depend on which thread ran it, or on how
+many threads there were.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from compo.zo.head import HeadInputs, _tiled_lse, exp_, tile_logits
+from compo.zo.perturb import PerturbationSource, in_workers
+
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's flat buffer ``name`` of at least ``numel`` entries, kept across calls."""
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def fused_logps(source: PerturbationSource, step: int, indices: list[int], z: torch.Tensor, base: torch.Tensor,
+                hz: torch.Tensor, inp: HeadInputs, tile: int,
+                matmul_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """((c, n_seq) log-probs of candidates W + s_i z_i, (c,) scales s) for perturbations
+    ``indices`` of ``step``, with ``z`` (>= c, V, width) filled as ``source.draw`` fills it.
+
+    ``base``: the shifted base logits (T, V) (:func:`shift_rows`); ``hz``: h in z's basis.
+    A gaussian source draws each block just before it is used; a sphere needs ||z_i|| before
+    its first block, so its z is drawn whole first (the candidates still go one per thread).
+    """
+    c, (n_tok, v), width = len(indices), base.shape, z.shape[2]
+    low = None if matmul_dtype == torch.float32 else matmul_dtype
+    interleave = source.distribution == "gaussian" and source.tiles_match(tile)
+    if interleave:
+        scales = torch.full((c,), source.radius)
+    else:
+        scales = source.scales(source.draw(step, indices, out=z))
+    picked0 = base.gather(1, inp.targets.unsqueeze(1)).squeeze(1)
+    diff = torch.empty((c, n_tok))
+    edges = list(range(0, v, tile))
+    workers = max(1, min(source.threads, c))
+
+    def one(j: int) -> None:
+        zj, hs = z[j], hz * scales[j]
+        buf = _scratch("tile", n_tok * tile, torch.float32).view(n_tok, tile)
+        z_low = buf_low = None
+        if low is not None:
+            hs = hs.to(low)
+            z_low = _scratch("z_tile_low", tile * width, low).view(tile, width)
+            buf_low = _scratch("tile_low", n_tok * tile, low).view(n_tok, tile)
+        sums = torch.empty((len(edges), n_tok))
+        gen = source.generator(step, indices[j]) if interleave else None
+        for k, a in enumerate(edges):
+            rows = zj[a : min(v, a + tile)]
+            if gen is not None:
+                source.fill(gen, rows)
+            t = tile_logits(buf[:, : rows.shape[0]], base, hs, rows, a, z_low, buf_low)
+            torch.sum(exp_(t), -1, out=sums[k])
+        lse = sums.sum(0).log_()
+        if not torch.isfinite(lse).all():  # exp() overflowed or every term underflowed
+            lse = _tiled_lse(base, hs[None], zj[None], tile, low, _scratch, shift=True)[0]
+        zt = zj.index_select(0, inp.targets)
+        if low is not None:
+            zt = zt.to(low)
+        torch.sub(picked0 + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float(), lse, out=diff[j])
+
+    in_workers(workers, lambda w: [one(j) for j in range(w, c, workers)])
+    return inp.sums(diff), scales

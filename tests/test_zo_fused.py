@@ -1,0 +1,87 @@
+"""CPU candidates drawn and evaluated one per thread, tile by tile (compo/zo/fused.py), against
+the draw-then-evaluate path: the same draws and log-probs bit for bit, whatever the thread count."""
+
+import pytest
+import torch
+
+from compo.zo.fused import fused_logps
+from compo.zo.head import HeadInputs, candidate_logps, shift_rows
+from compo.zo.perturb import PerturbationSource
+
+
+def _case(t: int = 12, width: int = 8, v: int = 200, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(t, width, generator=gen)
+    inp = HeadInputs(h, torch.randint(0, v, (t,), generator=gen), torch.arange(t) * 4 // t, 4, None)
+    return inp, shift_rows(3 * torch.randn(t, v, generator=gen))
+
+
+def _drawn_then_evaluated(source, step, idx, base, inp, tile, dtype=torch.float32):
+    z = source.draw(step, idx)
+    s = source.scales(z)
+    return z, s, candidate_logps(base, inp.h, z, s, inp, tile=tile, matmul_dtype=dtype,
+                                 scratch=lambda name, n, dt: torch.empty(n, dtype=dt))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("tile", [16, 48, 200])
+def test_fused_candidates_match_draw_then_evaluate_bit_for_bit(threads, tile):
+    inp, base = _case()
+    source = PerturbationSource(7, (200, 8), 0.05, threads=threads)
+    idx = [3, 4, 5, 6, 9]
+    z_ref, s_ref, lp_ref = _drawn_then_evaluated(PerturbationSource(7, (200, 8), 0.05, threads=1), 2, idx, base, inp,
+                                                 tile)
+    z = torch.full((6, 200, 8), float("nan"))
+    lp, s = fused_logps(source, 2, idx, z, base, inp.h, inp, tile)
+    assert source.tiles_match(tile)
+    assert torch.equal(z[:5], z_ref) and torch.equal(s, s_ref) and torch.equal(lp, lp_ref)
+    assert torch.isnan(z[5]).all()  # rows past the chunk are not touched
+
+
+def test_a_sphere_source_draws_whole_and_still_matches():
+    inp, base = _case(seed=1)
+    source = PerturbationSource(7, (200, 8), 0.5, "sphere", threads=2)
+    z_ref, s_ref, lp_ref = _drawn_then_evaluated(source, 0, [0, 1, 2], base, inp, 64)
+    z = torch.empty(3, 200, 8)
+    lp, s = fused_logps(source, 0, [0, 1, 2], z, base, inp.h, inp, 64)
+    assert torch.equal(z, z_ref) and torch.equal(s, s_ref) and torch.equal(lp, lp_ref)
+    assert torch.equal(s, 0.5 / z.flatten(1).norm(dim=1))
+
+
+def test_a_last_tile_under_16_numbers_is_not_interleaved_and_still_matches():
+    inp, base = _case(width=3, v=197)  # 197 = 3 * 64 + 5 rows: the last tile holds 15 numbers
+    source = PerturbationSource(1, (197, 3), 0.1, threads=2)
+    assert not source.tiles_match(64) and source.tiles_match(197)
+    z_ref, _, lp_ref = _drawn_then_evaluated(source, 0, [0, 1], base, inp, 64)
+    z = torch.empty(2, 197, 3)
+    lp, _ = fused_logps(source, 0, [0, 1], z, base, inp.h, inp, 64)
+    assert torch.equal(z, z_ref) and torch.equal(lp, lp_ref)
+
+
+def test_overflow_is_redone_with_the_per_tile_max_per_candidate():
+    inp, base = _case(seed=2)
+    big = base + 200.0  # exp(200) overflows fp32
+    source = PerturbationSource(3, (200, 8), 0.05, threads=2)
+    _, _, lp_ref = _drawn_then_evaluated(source, 1, [0, 1, 2], big, inp, 64)
+    lp, _ = fused_logps(source, 1, [0, 1, 2], torch.empty(3, 200, 8), big, inp.h, inp, 64)
+    assert torch.isfinite(lp).all() and torch.equal(lp, lp_ref)
+
+
+def test_a_bfloat16_matmul_matches_its_draw_then_evaluate_path():
+    inp, base = _case(seed=3)
+    source = PerturbationSource(3, (200, 8), 0.05, threads=2)
+    _, _, lp_ref = _drawn_then_evaluated(source, 0, [0, 1, 2, 3], base, inp, 64, torch.bfloat16)
+    lp, _ = fused_logps(source, 0, [0, 1, 2, 3], torch.empty(4, 200, 8), base, inp.h, inp, 64, torch.bfloat16)
+    assert torch.equal(lp, lp_ref)
+
+
+def test_tile_draws_chain_like_one_draw_only_in_whole_blocks_of_16():
+    source = PerturbationSource(0, (37, 7), 1.0)
+    assert source.tiles_match(16) and source.tiles_match(32)  # 112 / 224 numbers, last block 35
+    assert not source.tiles_match(3)  # 21 numbers a tile: not whole blocks of 16
+    whole = source.draw(0, [0])[0]
+    tiled = torch.empty_like(whole)
+    gen = source.generator(0, 0)
+    for a in range(0, 37, 16):
+        source.fill(gen, tiled[a : a + 16])
+    assert torch.equal(whole, tiled)
