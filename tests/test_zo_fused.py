@@ -85,3 +85,18 @@ def test_tile_draws_chain_like_one_draw_only_in_whole_blocks_of_16():
     for a in range(0, 37, 16):
         source.fill(gen, tiled[a : a + 16])
     assert torch.equal(whole, tiled)
+
+
+def test_a_chunk_smaller_than_the_thread_count_shares_the_spare_threads_out():
+    from compo.zo import perturb
+
+    inp, base = _case(seed=4)
+    source = PerturbationSource(5, (200, 8), 0.05, threads=4)
+    _, _, lp_ref = _drawn_then_evaluated(source, 0, [0, 1], base, inp, 64)
+    lp, _ = fused_logps(source, 0, [0, 1], torch.empty(2, 200, 8), base, inp.h, inp, 64)
+    assert torch.allclose(lp, lp_ref, atol=1e-6, rtol=0)
+    seen: dict[int, int] = {}
+    main = torch.get_num_threads()
+    perturb.in_workers(2, lambda w: seen.__setitem__(w, torch.get_num_threads()), 2)
+    perturb.in_workers(3, lambda w: seen.__setitem__(10 + w, torch.get_num_threads()))
+    assert seen == {0: 2, 1: 2, 10: 1, 11: 1, 12: 1} and torch.get_num_threads() == main

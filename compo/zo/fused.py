@@ -2,10 +2,10 @@
 
 Each worker thread owns whole perturbations. It draws z_i one (tile, width) block at a time and
 evaluates that block's candidate logits while the block is still in cache: draw, matmul, exp,
-row sums, all with single-threaded torch ops. The draws equal one whole-tensor draw
-(:meth:`PerturbationSource.tiles_match`), and the arithmetic is :func:`tiled_logps`'s, one
-candidate at a time. A candidate's numbers do not depend on which thread ran it, or on how
-many threads there were.
+row sums, with single-threaded torch ops (a chunk with fewer candidates than threads shares the
+spare ones out). The draws equal one whole-tensor draw (:meth:`PerturbationSource.tiles_match`),
+and the arithmetic is :func:`tiled_logps`'s, one candidate at a time. With one thread a worker,
+a candidate's numbers do not depend on which thread ran it, or on how many threads there were.
 """
 
 from __future__ import annotations
@@ -75,5 +75,6 @@ def fused_logps(source: PerturbationSource, step: int, indices: list[int], z: to
             zt = zt.to(low)
         torch.sub(picked0 + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float(), lse, out=diff[j])
 
-    in_workers(workers, lambda w: [one(j) for j in range(w, c, workers)])
+    # fewer candidates than threads (a large head's small chunk): the spare threads go to each worker's ops
+    in_workers(workers, lambda w: [one(j) for j in range(w, c, workers)], max(1, source.threads // workers))
     return inp.sums(diff), scales

@@ -11,25 +11,23 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 _MASK63 = (1 << 63) - 1
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _LOCAL = threading.local()
 _TILE_CHECK: dict[str, bool] = {}
 
 
-def _one_thread() -> None:
-    """A pool thread runs its torch ops on itself alone: the pool is the parallelism."""
-    torch.set_num_threads(1)
-
-
-def in_workers(workers: int, fn) -> None:
+def in_workers(workers: int, fn, threads_each: int = 1) -> None:
     """``fn(w)`` for w in 0..workers-1, each on its own thread of a process-wide pool (made
-    once) whose threads run single-threaded torch ops: what a worker computes does not depend
-    on how many threads torch was given (MKL's sgemm, for one, picks its kernel by them)."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="compo-zo", initializer=_one_thread)
+    once per shape) whose threads run torch ops on ``threads_each`` threads. With one thread
+    each, what a worker computes does not depend on how many threads torch was given (MKL's
+    sgemm, for one, picks its kernel by them)."""
+    key = (workers, threads_each)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="compo-zo",
+                                         initializer=torch.set_num_threads, initargs=(threads_each,))
     n = torch.get_num_threads()
-    list(_POOLS[workers].map(fn, range(workers)))
-    torch.set_num_threads(n)  # a pool thread's set_num_threads(1) is also the default for new threads
+    list(_POOLS[key].map(fn, range(workers)))
+    torch.set_num_threads(n)  # a pool thread's set_num_threads is also the default for new threads
 
 
 def _thread_generator(device: torch.device) -> torch.Generator:
