@@ -18,6 +18,14 @@ from compo.zo.head import HeadInputs, _tiled_lse, exp_, tile_logits
 from compo.zo.perturb import PerturbationSource, in_workers
 
 _LOCAL = threading.local()
+FUSE_MIN_NUMBERS = 1 << 20  # per draw; below it a candidate's ~20 small ops per thread cost more than they save
+
+
+def worth_fusing(v: int, width: int) -> bool:
+    """Whether a (v, width) perturbation is big enough for one thread a candidate: a small head's
+    candidates are mostly Python and lock hand-offs between the threads (the toy quickstart's
+    986-number draws ran 4x slower fused), so it keeps the batched path."""
+    return v * width >= FUSE_MIN_NUMBERS
 
 
 def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

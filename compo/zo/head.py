@@ -203,10 +203,12 @@ def vocab_tile(device: torch.device | str, n_tok: int, v: int) -> int:
 
     On the CPU a (c, T, V) block of candidate logits is far larger than the caches, so each of
     its passes (matmul, add, exp, sum) went to memory; a (T, tile) tile of one candidate stays
-    in cache through all of them. GPUs get the one batched matmul (0)."""
+    in cache through all of them. GPUs get the one batched matmul (0), and so does a vocabulary
+    that one tile would hold (a small head: per-candidate Python would cost more than it saves)."""
     if torch.device(device).type != "cpu":
         return 0
-    return min(v, max(512, TILE_BYTES // (4 * max(1, n_tok)) // 512 * 512))
+    tile = max(512, TILE_BYTES // (4 * max(1, n_tok)) // 512 * 512)
+    return tile if tile < v else 0
 
 
 def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales: torch.Tensor,
@@ -301,9 +303,10 @@ def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool) -> torch.Tenso
 
 
 def exp_(t: torch.Tensor) -> torch.Tensor:
-    """``t.exp_()``; a CPU float32 tile goes through NumPy's exp, about twice as fast as torch's
-    on one core here (both vectorised, both within a few ulps), with the GIL released."""
-    if t.device.type == "cpu" and t.dtype == torch.float32:
+    """``t.exp_()``; a CPU float32 tile of 32K+ entries goes through NumPy's exp, about twice as
+    fast as torch's on one core here (both vectorised, both within a few ulps), with the GIL
+    released (on a small one NumPy's fixed cost would outweigh that)."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= 1 << 15:
         a = t.numpy()
         with np.errstate(over="ignore", under="ignore"):  # an overflow is caught by the caller's finiteness check
             np.exp(a, out=a)

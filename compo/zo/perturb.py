@@ -14,6 +14,7 @@ _MASK63 = (1 << 63) - 1
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _LOCAL = threading.local()
 _TILE_CHECK: dict[str, bool] = {}
+POOL_MIN_NUMBERS = 1 << 16  # per draw: smaller CPU draws are made on the calling thread
 
 
 def in_workers(workers: int, fn, threads_each: int = 1) -> None:
@@ -101,13 +102,16 @@ class PerturbationSource:
         n = len(indices)
         if out is None:
             out = torch.empty((n, *self.shape), dtype=torch.float32, device=self.device)
-        workers = max(1, min(self.threads, n))
+        seeds = [perturbation_seed(self.run_seed, step, i) for i in indices]  # here: hashing in a pool holds the GIL
+        # small draws stay on this thread: handing them to a pool costs more than they take
+        workers = max(1, min(self.threads, n)) if math.prod(self.shape) >= POOL_MIN_NUMBERS else 1
 
         def fill(w: int) -> None:
+            gen = _thread_generator(self.device) if self.device.type == "cpu" else self._gen
             for j in range(w, n, workers):
-                self.fill(self.generator(step, indices[j]), out[j])
+                self.fill(gen.manual_seed(seeds[j]), out[j])
 
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and workers > 1:
             in_workers(workers, fill)
         else:
             fill(0)

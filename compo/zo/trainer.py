@@ -29,7 +29,7 @@ from compo.zo.head import (
 )
 from compo.zo.monitor import new_state, observe
 from compo.zo.checkpoint import load_head, save_head
-from compo.zo.fused import fused_logps
+from compo.zo.fused import fused_logps, worth_fusing
 from compo.zo.perturb import PerturbationSource
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.generation import GenerationOracle
@@ -178,7 +178,7 @@ class ZOTrainer:
             u.view(1, -1).addmm_(coef[None], z.flatten(1))
 
         # CPU likelihood oracles: each candidate drawn and evaluated by one thread, tile by tile (fused.py)
-        fused = bool(tile) and not deferred and self.oracle.needs == Evidence.LOGPROBS
+        fused = bool(tile) and not deferred and self.oracle.needs == Evidence.LOGPROBS and worth_fusing(v, width)
         t1 = time.perf_counter()
         for k, idx in enumerate(chunks):
             if k % world != rank:
