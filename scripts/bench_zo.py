@@ -207,7 +207,7 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
         gen = torch.Generator(device=device).manual_seed(seed)
         z = torch.empty((1, v, width), dtype=torch.float32, device=device)
         scales = torch.full((1,), radius, device=device)
-        tile = vocab_tile(device, hz.shape[0], v)  # the trainer's own tiling (head.vocab_tile)
+        tile = vocab_tile(device, hz.shape[0], v)  # the trainer's tile width (head.vocab_tile)
 
         def one() -> None:
             torch.randn((v, width), generator=gen, out=z[0])

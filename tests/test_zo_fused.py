@@ -1,5 +1,6 @@
 """CPU candidates drawn and evaluated one per thread, tile by tile (compo/zo/fused.py), against
-the draw-then-evaluate path: the same draws and log-probs bit for bit, whatever the thread count."""
+the draw-then-evaluate path: the same draws and log-probs bit for bit, whatever the thread count
+(one thread a worker), and whole trainer steps the same on either path."""
 
 import pytest
 import torch
@@ -100,3 +101,64 @@ def test_a_chunk_smaller_than_the_thread_count_shares_the_spare_threads_out():
     perturb.in_workers(2, lambda w: seen.__setitem__(w, torch.get_num_threads()), 2)
     perturb.in_workers(3, lambda w: seen.__setitem__(10 + w, torch.get_num_threads()))
     assert seen == {0: 2, 1: 2, 10: 1, 11: 1, 12: 1} and torch.get_num_threads() == main
+
+
+def test_a_chunk_where_only_some_candidates_overflow_gives_each_its_own_numbers():
+    """Only the candidates whose sums overflow are redone with the max shift, on either path:
+    a candidate's log-probs do not depend on the chunk it came in."""
+    inp, base = _case(seed=2)  # a case where a shifted redo rounds differently from the plain sum
+    z = PerturbationSource(3, (200, 8), 0.05).draw(0, range(4))
+    scales = torch.tensor([2.0, 80.0, 2.0, 2.0])  # candidate 1's offsets overflow exp()
+    alone = [candidate_logps(base, inp.h, z[j : j + 1], scales[j : j + 1], inp, tile=64) for j in range(4)]
+    together = candidate_logps(base, inp.h, z, scales, inp, tile=64)
+    assert torch.isfinite(together).all()
+    assert torch.equal(together, torch.cat(alone))
+
+
+def test_a_failing_worker_fails_the_call_after_every_worker_has_stopped():
+    from compo.zo import perturb
+
+    done, main = [], torch.get_num_threads()
+
+    def work(w: int) -> None:
+        if w == 0:
+            raise RuntimeError("worker 0 failed")
+        done.append(w)
+
+    with pytest.raises(RuntimeError, match="worker 0 failed"):
+        perturb.in_workers(3, work)
+    assert sorted(done) == [1, 2] and torch.get_num_threads() == main
+
+
+def test_trainer_steps_are_the_same_fused_or_drawn_then_evaluated(toy_reference, toy_pairs, monkeypatch):
+    """A whole stage-2 step on the toy model with its head forced through vocab tiles: one
+    candidate per thread (on 1 and on 2 threads) against draw-then-evaluate on 1 thread."""
+    import copy
+
+    from compo.config import ZOConfig
+    from compo.encode import encode_rows
+    from compo.zo import trainer as zt
+    from oracles import LikelihoodOracle
+
+    model, tok = toy_reference
+    enc = encode_rows(toy_pairs[0][:2], tok, 32, 16)
+    monkeypatch.setattr(zt, "vocab_tile", lambda device, n_tok, v: 16)
+    calls = []
+    monkeypatch.setattr(zt, "fused_logps", lambda *a, **k: calls.append(1) or fused_logps(*a, **k))
+    runs = {}
+    for name, fused, threads in (("drawn", False, 1), ("fused1", True, 1), ("fused2", True, 2)):
+        monkeypatch.setattr(zt, "worth_fusing", lambda v, width, fused=fused: fused)
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            cfg = ZOConfig(estimator="projected", m=48, chunk_size=8, radius=0.02, checkpoint_every=0)
+            trainer = zt.ZOTrainer(copy.deepcopy(model), cfg, 0, LikelihoodOracle(), 0)
+            rec = trainer.step(0, enc.items[:2], toy_pairs[0][:2])
+        finally:
+            torch.set_num_threads(n)
+        runs[name] = (rec["n_minus"], trainer.last_u.clone(), trainer.w.clone(), len(calls))
+    for name in ("fused1", "fused2"):
+        assert runs[name][0] == runs["drawn"][0]
+        assert torch.equal(runs[name][1], runs["drawn"][1]) and torch.equal(runs[name][2], runs["drawn"][2])
+    assert 0 < runs["drawn"][0] < 48
+    assert [runs[k][3] for k in ("drawn", "fused1", "fused2")] == [0, 6, 12]  # 48 / 8 chunks a fused step

@@ -28,13 +28,13 @@ def normalise(u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor 
 def sparsify(g: torch.Tensor, rule: str = "absolute", lambda_g: float = 2.2e-4, rho: float = 0.01,
              inplace: bool = False) -> torch.Tensor:
     """Zero small entries without renormalising: |g_j| >= lambda_g (paper) or the top rho
-    fraction (``inplace``: in g's own storage)."""
+    fraction (``inplace``: in g's own storage; g must then be contiguous)."""
     if rule == "absolute":
         mask = g.abs() < lambda_g
         return g.masked_fill_(mask, 0.0) if inplace else g.masked_fill(mask, 0.0)
     if rule == "top_fraction":
         k = max(1, min(g.numel(), math.ceil(rho * g.numel())))
-        flat = g.reshape(-1)
+        flat = g.view(-1) if inplace else g.reshape(-1)
         keep = top_indices(flat.abs(), k)
         vals = flat[keep]
         out = flat.zero_() if inplace else torch.zeros_like(flat)

@@ -2,10 +2,12 @@
 
 Each worker thread owns whole perturbations. It draws z_i one (tile, width) block at a time and
 evaluates that block's candidate logits while the block is still in cache: draw, matmul, exp,
-row sums, with single-threaded torch ops (a chunk with fewer candidates than threads shares the
-spare ones out). The draws equal one whole-tensor draw (:meth:`PerturbationSource.tiles_match`),
-and the arithmetic is :func:`tiled_logps`'s, one candidate at a time. With one thread a worker,
-a candidate's numbers do not depend on which thread ran it, or on how many threads there were.
+row sums, with single-threaded torch ops. The draws equal one whole-tensor draw
+(:meth:`PerturbationSource.tiles_match`), and the arithmetic is :func:`tiled_logps`'s, one
+candidate at a time. With at least as many candidates in a chunk as threads, a candidate's
+numbers do not depend on which thread ran it or on how many threads there were. A chunk with
+fewer candidates (a large head's small chunk, a step's last one) shares the spare threads out
+to each worker's ops, and then MKL's matmul may round by its thread count, as it does off this path.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def fused_logps(source: PerturbationSource, step: int, indices: list[int], z: to
     edges = list(range(0, v, tile))
     workers = max(1, min(source.threads, c))
 
+    @torch.no_grad()  # grad mode is per thread: the pool's start with it on
     def one(j: int) -> None:
         zj, hs = z[j], hz * scales[j]
         buf = _scratch("tile", n_tok * tile, torch.float32).view(n_tok, tile)

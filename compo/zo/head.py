@@ -256,8 +256,9 @@ def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | N
 
     The target logits come from a (c, T, width) gather of z's target rows, not from the tiles;
     each row's sum of exp() is summed over its tiles in a fixed order. As in
-    :func:`candidate_logps`, a shifted base needs no max pass; when a sum is not finite the
-    step is redone with a per-tile max (combined exactly: ``M + log sum_j s_j exp(m_j - M)``).
+    :func:`candidate_logps`, a shifted base needs no max pass; a candidate whose sum is not
+    finite is redone, alone, with a per-tile max (combined exactly: ``M + log sum_j s_j
+    exp(m_j - M)``), so its numbers do not depend on the chunk it came in.
     """
     n_tok, v = base.shape
     low = None if matmul_dtype == torch.float32 else matmul_dtype
@@ -268,8 +269,10 @@ def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | N
             zt, hs = zt.to(low), hs.to(low)
         picked = picked + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float()
     lse = _tiled_lse(base, hs, z, tile, low, scratch, shift=False)
-    if not torch.isfinite(lse).all():  # exp() overflowed or every term underflowed
-        lse = _tiled_lse(base, hs, z, tile, low, scratch, shift=True)
+    bad = (~torch.isfinite(lse).all(1)).nonzero().squeeze(1)  # exp() overflowed or every term underflowed
+    if bad.numel():
+        lse[bad] = _tiled_lse(base, None if hs is None else hs[bad], None if z is None else z[bad], tile, low,
+                              scratch, shift=True)
     return inp.sums(picked - lse)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -27,8 +27,13 @@ def in_workers(workers: int, fn, threads_each: int = 1) -> None:
         _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="compo-zo",
                                          initializer=torch.set_num_threads, initargs=(threads_each,))
     n = torch.get_num_threads()
-    list(_POOLS[key].map(fn, range(workers)))
-    torch.set_num_threads(n)  # a pool thread's set_num_threads is also the default for new threads
+    try:
+        futures = [_POOLS[key].submit(fn, w) for w in range(workers)]
+        wait(futures)  # all of them, even when one fails: none may still write into shared buffers
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(n)  # a pool thread's set_num_threads is also the default for new threads
 
 
 def _thread_generator(device: torch.device) -> torch.Generator:
@@ -79,7 +84,7 @@ class PerturbationSource:
 
         torch's CPU normal fill turns uniforms into normals in blocks of 16 (a last block of an
         odd size redrawn), so blocks of whole 16s, then a last one of 16 or more, chain exactly;
-        checked once on a small draw, so a torch whose fill works otherwise loses only the fused path."""
+        checked once on a small draw, so a torch whose fill works otherwise loses only the block-by-block draw."""
         v, width = self.shape[0], math.prod(self.shape[1:])
         if self.device.type != "cpu":
             return False
