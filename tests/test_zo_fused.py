@@ -2,6 +2,8 @@
 the draw-then-evaluate path: the same draws and log-probs bit for bit, whatever the thread count
 (one thread a worker), and whole trainer steps the same on either path."""
 
+import time
+
 import pytest
 import torch
 
@@ -123,6 +125,7 @@ def test_a_failing_worker_fails_the_call_after_every_worker_has_stopped():
     def work(w: int) -> None:
         if w == 0:
             raise RuntimeError("worker 0 failed")
+        time.sleep(0.2)  # still at work when worker 0 fails: the call must wait for it
         done.append(w)
 
     with pytest.raises(RuntimeError, match="worker 0 failed"):

@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from compo.zo.head import HeadInputs, _tiled_lse, exp_, tile_logits
+from compo.zo.head import HeadInputs, tiled_logps
 from compo.zo.perturb import PerturbationSource, in_workers
 
 _LOCAL = threading.local()
@@ -49,43 +49,21 @@ def fused_logps(source: PerturbationSource, step: int, indices: list[int], z: to
     A gaussian source draws each block just before it is used; a sphere needs ||z_i|| before
     its first block, so its z is drawn whole first (the candidates still go one per thread).
     """
-    c, (n_tok, v), width = len(indices), base.shape, z.shape[2]
-    low = None if matmul_dtype == torch.float32 else matmul_dtype
+    c = len(indices)
     interleave = source.distribution == "gaussian" and source.tiles_match(tile)
     if interleave:
         scales = torch.full((c,), source.radius)
     else:
         scales = source.scales(source.draw(step, indices, out=z))
-    picked0 = base.gather(1, inp.targets.unsqueeze(1)).squeeze(1)
-    diff = torch.empty((c, n_tok))
-    edges = list(range(0, v, tile))
+    lp = torch.empty((c, inp.n_seq))
     workers = max(1, min(source.threads, c))
 
     @torch.no_grad()  # grad mode is per thread: the pool's start with it on
     def one(j: int) -> None:
-        zj, hs = z[j], hz * scales[j]
-        buf = _scratch("tile", n_tok * tile, torch.float32).view(n_tok, tile)
-        z_low = buf_low = None
-        if low is not None:
-            hs = hs.to(low)
-            z_low = _scratch("z_tile_low", tile * width, low).view(tile, width)
-            buf_low = _scratch("tile_low", n_tok * tile, low).view(n_tok, tile)
-        sums = torch.empty((len(edges), n_tok))
         gen = source.generator(step, indices[j]) if interleave else None
-        for k, a in enumerate(edges):
-            rows = zj[a : min(v, a + tile)]
-            if gen is not None:
-                source.fill(gen, rows)
-            t = tile_logits(buf[:, : rows.shape[0]], base, hs, rows, a, z_low, buf_low)
-            torch.sum(exp_(t), -1, out=sums[k])
-        lse = sums.sum(0).log_()
-        if not torch.isfinite(lse).all():  # exp() overflowed or every term underflowed
-            lse = _tiled_lse(base, hs[None], zj[None], tile, low, _scratch, shift=True)[0]
-        zt = zj.index_select(0, inp.targets)
-        if low is not None:
-            zt = zt.to(low)
-        torch.sub(picked0 + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float(), lse, out=diff[j])
+        fill = None if gen is None else (lambda i, a, b: source.fill(gen, z[j, a:b]))
+        lp[j] = tiled_logps(base, (hz * scales[j])[None], z[j : j + 1], inp, tile, matmul_dtype, _scratch, fill)[0]
 
     # fewer candidates than threads (a large head's small chunk): the spare threads go to each worker's ops
     in_workers(workers, lambda w: [one(j) for j in range(w, c, workers)], max(1, source.threads // workers))
-    return inp.sums(diff), scales
+    return lp, scales

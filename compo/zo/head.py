@@ -250,7 +250,7 @@ def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales
 
 
 def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | None, inp: HeadInputs, tile: int,
-                matmul_dtype: torch.dtype = torch.float32, scratch=None) -> torch.Tensor:
+                matmul_dtype: torch.dtype = torch.float32, scratch=None, fill=None) -> torch.Tensor:
     """(c, n_seq) log-probs of logits ``base + hs_i z_i^T``, one candidate and ``tile`` vocab
     columns at a time (``hs`` None: the base alone, c = 1, with the same arithmetic).
 
@@ -258,25 +258,29 @@ def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | N
     each row's sum of exp() is summed over its tiles in a fixed order. As in
     :func:`candidate_logps`, a shifted base needs no max pass; a candidate whose sum is not
     finite is redone, alone, with a per-tile max (combined exactly: ``M + log sum_j s_j
-    exp(m_j - M)``), so its numbers do not depend on the chunk it came in.
+    exp(m_j - M)``), so its numbers do not depend on the chunk it came in. ``fill(i, a, b)``,
+    when given, writes rows a..b of z_i just before their tile is first used (z drawn block by
+    block while in cache: compo/zo/fused.py).
     """
     n_tok, v = base.shape
     low = None if matmul_dtype == torch.float32 else matmul_dtype
-    picked = base.gather(1, inp.targets.unsqueeze(1)).squeeze(1).expand(1 if hs is None else hs.shape[0], n_tok)
-    if hs is not None:
-        zt = z.index_select(1, inp.targets)  # (c, T, width): each token's target row of z
-        if low is not None:
-            zt, hs = zt.to(low), hs.to(low)
-        picked = picked + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float()
-    lse = _tiled_lse(base, hs, z, tile, low, scratch, shift=False)
+    if low is not None and hs is not None:
+        hs = hs.to(low)
+    lse = _tiled_lse(base, hs, z, tile, low, scratch, shift=False, fill=fill)
     bad = (~torch.isfinite(lse).all(1)).nonzero().squeeze(1)  # exp() overflowed or every term underflowed
     if bad.numel():
         lse[bad] = _tiled_lse(base, None if hs is None else hs[bad], None if z is None else z[bad], tile, low,
                               scratch, shift=True)
+    picked = base.gather(1, inp.targets.unsqueeze(1)).squeeze(1).expand(1 if hs is None else hs.shape[0], n_tok)
+    if hs is not None:
+        zt = z.index_select(1, inp.targets)  # (c, T, width): each token's target row of z
+        if low is not None:
+            zt = zt.to(low)
+        picked = picked + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float()
     return inp.sums(picked - lse)
 
 
-def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool) -> torch.Tensor:
+def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool, fill=None) -> torch.Tensor:
     """(c, T) log-sum-exp over V of base + hs_i z_i^T, built one (T, tile) tile at a time."""
     n_tok, v = base.shape
     c = 1 if hs is None else hs.shape[0]
@@ -291,10 +295,12 @@ def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool) -> torch.Tenso
         for j, a in enumerate(edges):
             b = min(v, a + tile)
             t = buf[:, : b - a]
+            if fill is not None:
+                fill(i, a, b)
             if hs is None:
                 t.copy_(base[:, a:b])
             else:
-                tile_logits(t, base, hs[i], z[i, a:b], a, z_low, buf_low)
+                _tile_logits(t, base, hs[i], z[i, a:b], a, z_low, buf_low)
             if shift:
                 torch.amax(t, -1, out=tops[i, j])
                 t.sub_(tops[i, j].unsqueeze(1))
@@ -317,7 +323,7 @@ def exp_(t: torch.Tensor) -> torch.Tensor:
     return t.exp_()
 
 
-def tile_logits(t: torch.Tensor, base: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor, a: int,
+def _tile_logits(t: torch.Tensor, base: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor, a: int,
                 z_low: torch.Tensor | None = None, buf_low: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` (T, n) = base[:, a:a+n] + hs rows^T for one candidate's z rows a..a+n; with the
     low-precision buffers (``z_low``: >= n x width, ``buf_low``: T x >= n) the matmul is in their dtype."""

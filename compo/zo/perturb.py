@@ -3,6 +3,7 @@ can regenerate any perturbation and only votes need to travel (DESIGN.md §4).""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -13,7 +14,6 @@ import torch
 _MASK63 = (1 << 63) - 1
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _LOCAL = threading.local()
-_TILE_CHECK: dict[str, bool] = {}
 POOL_MIN_NUMBERS = 1 << 16  # per draw: smaller CPU draws are made on the calling thread
 
 
@@ -34,6 +34,19 @@ def in_workers(workers: int, fn, threads_each: int = 1) -> None:
             f.result()
     finally:
         torch.set_num_threads(n)  # a pool thread's set_num_threads is also the default for new threads
+
+
+@functools.cache
+def _fill_chains() -> bool:
+    """Whether this torch's CPU normal fill, called on blocks of 16s and then a last odd block,
+    gives the numbers of one call (checked once, on a small draw)."""
+    gen = torch.Generator().manual_seed(12345)
+    whole = torch.randn((37, 7), generator=gen)  # tiles of 16 rows (112 numbers), then 5 rows
+    gen.manual_seed(12345)
+    tiled = torch.empty_like(whole)
+    for a in range(0, 37, 16):
+        PerturbationSource.fill(gen, tiled[a : a + 16])
+    return torch.equal(whole, tiled)
 
 
 def _thread_generator(device: torch.device) -> torch.Generator:
@@ -69,10 +82,13 @@ class PerturbationSource:
         n = threads if threads is not None else torch.get_num_threads()
         self.threads = max(1, n) if self.device.type == "cpu" else 1
 
+    def _own_generator(self) -> torch.Generator:
+        """The calling thread's CPU generator (one each: they are not safe to share), or the GPU's."""
+        return _thread_generator(self.device) if self.device.type == "cpu" else self._gen
+
     def generator(self, step: int, index: int) -> torch.Generator:
         """This thread's generator, seeded for perturbation ``index`` of ``step``."""
-        gen = _thread_generator(self.device) if self.device.type == "cpu" else self._gen
-        return gen.manual_seed(perturbation_seed(self.run_seed, step, index))
+        return self._own_generator().manual_seed(perturbation_seed(self.run_seed, step, index))
 
     @staticmethod
     def fill(gen: torch.Generator, rows: torch.Tensor) -> None:
@@ -92,15 +108,7 @@ class PerturbationSource:
             return True  # one fill call
         if (tile * width) % 16 or 0 < (v % tile) * width < 16:
             return False
-        if "ok" not in _TILE_CHECK:
-            gen = torch.Generator().manual_seed(12345)
-            whole = torch.randn((37, 7), generator=gen)  # tiles of 16 rows (112 numbers), then 5 rows
-            gen.manual_seed(12345)
-            tiled = torch.empty_like(whole)
-            for a in range(0, 37, 16):
-                self.fill(gen, tiled[a : a + 16])
-            _TILE_CHECK["ok"] = torch.equal(whole, tiled)
-        return _TILE_CHECK["ok"]
+        return _fill_chains()
 
     def draw(self, step: int, indices: range | list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Raw N(0, 1) draws, shape (len(indices), *shape), fp32."""
@@ -112,7 +120,7 @@ class PerturbationSource:
         workers = max(1, min(self.threads, n)) if math.prod(self.shape) >= POOL_MIN_NUMBERS else 1
 
         def fill(w: int) -> None:
-            gen = _thread_generator(self.device) if self.device.type == "cpu" else self._gen
+            gen = self._own_generator()
             for j in range(w, n, workers):
                 self.fill(gen.manual_seed(seeds[j]), out[j])
 
