@@ -9,6 +9,7 @@ compo version. Each stage inherits the keys of the stages before it, so a change
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -102,8 +103,16 @@ def record(run: RunDir, stage: str, fp: dict | None) -> None:
     atomic_write_json(run.fingerprint, allfp)
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return flatten(RunConfig().model_dump(mode="json"))
+
+
 def differences(old: dict, new: dict) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    """Keys whose values differ; a key that only one side has counts as at its default there
+    (a run recorded before an option existed ran with the option's default)."""
+    dflt = _defaults()
+    return sorted(k for k in set(old) | set(new) if old.get(k, dflt.get(k)) != new.get(k, dflt.get(k)))
 
 
 def _show(v: Any) -> str:

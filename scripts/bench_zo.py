@@ -26,7 +26,8 @@ Prints one JSON object on stdout (progress on stderr). Besides the three timings
 ``compo_*_loop_s`` (the trainer's own wall-clock perturbation loop, without capture and update).
 ``--matmul-dtype bfloat16`` times the compo steps with ``zo.matmul_dtype`` bfloat16 (the floor
 stays float32) and adds ``vote_agreement_vs_float32``: the share of a projected step's m votes
-that are the same as with the float32 matmul.
+that are the same as with the float32 matmul. ``--rng philox`` draws the perturbations (compo's
+steps and both floors) with ``zo.rng`` philox.
 
 On a shared machine other processes' threads make multi-threaded timings swing widely (the
 full-model forwards suffer most); ``--threads 1 --clock cpu`` gives steadier numbers.
@@ -191,11 +192,13 @@ def vote_agreement(model, item, row, pad_id, cfg, seed: int) -> float:
 
 
 def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device,
-                           projected: bool = False) -> tuple[float, int, int]:
+                           projected: bool = False, rng: str = "torch") -> tuple[float, int, int]:
     """(seconds, scored tokens T, width) per perturbation of randn(V, width) + one head matmul
     (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
     width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
-    of their span, as one projected step computes it once)."""
+    of their span, as one projected step computes it once). ``rng`` philox: the draw is
+    compo's Philox normals (``zo.rng``) instead of torch.randn."""
+    from compo.zo.philox import fill_normal, keys
     from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows, vocab_tile
 
     with torch.no_grad():
@@ -210,7 +213,10 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
         tile = vocab_tile(device, hz.shape[0], v)  # the trainer's tile width (head.vocab_tile)
 
         def one() -> None:
-            torch.randn((v, width), generator=gen, out=z[0])
+            if rng == "philox":
+                fill_normal(z[0], *keys(seed))
+            else:
+                torch.randn((v, width), generator=gen, out=z[0])
             candidate_logps(base, hz, z, scales, inp, tile=tile)
             sync(device)
 
@@ -243,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.set_num_threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="zo.matmul_dtype of the compo steps; not float32: also vote_agreement_vs_float32")
+    ap.add_argument("--rng", default="torch", choices=("torch", "philox"),
+                    help="zo.rng of the compo steps and the floors' draws")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
     ap.add_argument("--skip-full", action="store_true", help="do not time the full estimator (an m=1600 full step "
                     "takes minutes on a CPU)")
@@ -273,15 +281,16 @@ def main(argv: list[str] | None = None) -> int:
 
         load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         log("floor ...")
-        floor_a, n_tok, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed, device)
+        floor_a, n_tok, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed,
+                                                   device, rng=args.rng)
         log(f"  floor_s={floor_a:.4f}")
         floor_pa, _, width = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed,
-                                                    device, projected=True)
+                                                    device, projected=True, rng=args.rng)
         log(f"  floor_projected_s={floor_pa:.5f} (k={width})")
 
         extra = {} if args.memory_budget_mb is None else {"memory_budget_mb": args.memory_budget_mb}
         common = dict(m=args.m, radius=args.radius, skip_threshold=0.0, checkpoint_every=0,
-                      matmul_dtype=args.matmul_dtype, **extra)
+                      matmul_dtype=args.matmul_dtype, rng=args.rng, **extra)
         full_s = rec_full = None
         if not args.skip_full:
             log(f"compo full (m={args.m}) ...")
@@ -301,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  vote_agreement_vs_float32={agreement:.4f}")
 
         log("floor again (the min of both is reported) ...")
-        floor_b, _, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1, device)
+        floor_b, _, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1,
+                                               device, rng=args.rng)
         log(f"  floor_s={floor_b:.4f}")
         floor_s = min(floor_a, floor_b)
         floor_pb, _, _ = floor_per_perturbation(model, item, pad_id, args.radius, args.floor_reps, args.seed + 1,
-                                                device, projected=True)
+                                                device, projected=True, rng=args.rng)
         log(f"  floor_projected_s={floor_pb:.5f}")
         floor_p = min(floor_pa, floor_pb)
         ref_s = None
@@ -341,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "compo_full_loop_s": None if rec_full is None else 1.0 / rec_full["perturbations_per_s"],
         "compo_projected_loop_s": 1.0 / rec_proj["perturbations_per_s"],
         "matmul_dtype": args.matmul_dtype,
+        "rng": args.rng,
         "vote_agreement_vs_float32": agreement,
         "loadavg_1m": None if load0 is None else [round(load0, 2), round(os.getloadavg()[0], 2)],
     }

@@ -65,7 +65,8 @@ def _worker(rank: int, world: int, rdzv: str, model_dir: str, out: str, base_url
         rows = toy.toy_dataset(ToyDataConfig(n_train=8, n_eval=1), seed=0)[0]
         items = encode_rows(rows, tok, 32, 16).items
         cfg = ZOConfig(m=M, chunk_size=CHUNK, pairs_per_step=PAIRS, radius=0.3, sparsity="top_fraction", rho=0.05,
-                       skip_threshold=0.05, gamma=0.5, max_steps=STEPS, checkpoint_every=0, acceptance_check=True)
+                       skip_threshold=0.05, gamma=0.5, max_steps=STEPS, checkpoint_every=0, acceptance_check=True,
+                       rng="torch")  # on torch's stream these settings take a step (asserted below)
 
         def run(name: str, max_calls: int | None, judge=None, accept: bool = True) -> dict:
             judge = judge or OpenAIJudge(f"{name}-w{world}", base_url=base_url, api_key_env=None, max_calls=max_calls,

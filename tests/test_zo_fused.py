@@ -26,14 +26,15 @@ def _drawn_then_evaluated(source, step, idx, base, inp, tile, dtype=torch.float3
                                  scratch=lambda name, n, dt: torch.empty(n, dtype=dt))
 
 
+@pytest.mark.parametrize("rng", ["philox", "torch"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("tile", [16, 48, 200])
-def test_fused_candidates_match_draw_then_evaluate_bit_for_bit(threads, tile):
+def test_fused_candidates_match_draw_then_evaluate_bit_for_bit(threads, tile, rng):
     inp, base = _case()
-    source = PerturbationSource(7, (200, 8), 0.05, threads=threads)
+    source = PerturbationSource(7, (200, 8), 0.05, threads=threads, rng=rng)
     idx = [3, 4, 5, 6, 9]
-    z_ref, s_ref, lp_ref = _drawn_then_evaluated(PerturbationSource(7, (200, 8), 0.05, threads=1), 2, idx, base, inp,
-                                                 tile)
+    z_ref, s_ref, lp_ref = _drawn_then_evaluated(PerturbationSource(7, (200, 8), 0.05, threads=1, rng=rng), 2, idx,
+                                                 base, inp, tile)
     z = torch.full((6, 200, 8), float("nan"))
     lp, s = fused_logps(source, 2, idx, z, base, inp.h, inp, tile)
     assert source.tiles_match(tile)
@@ -53,7 +54,7 @@ def test_a_sphere_source_draws_whole_and_still_matches():
 
 def test_a_last_tile_under_16_numbers_is_not_interleaved_and_still_matches():
     inp, base = _case(width=3, v=197)  # 197 = 3 * 64 + 5 rows: the last tile holds 15 numbers
-    source = PerturbationSource(1, (197, 3), 0.1, threads=2)
+    source = PerturbationSource(1, (197, 3), 0.1, threads=2, rng="torch")
     assert not source.tiles_match(64) and source.tiles_match(197)
     z_ref, _, lp_ref = _drawn_then_evaluated(source, 0, [0, 1], base, inp, 64)
     z = torch.empty(2, 197, 3)
@@ -79,7 +80,7 @@ def test_a_bfloat16_matmul_matches_its_draw_then_evaluate_path():
 
 
 def test_tile_draws_chain_like_one_draw_only_in_whole_blocks_of_16():
-    source = PerturbationSource(0, (37, 7), 1.0)
+    source = PerturbationSource(0, (37, 7), 1.0, rng="torch")
     assert source.tiles_match(16) and source.tiles_match(32)  # 112 / 224 numbers, last block 35
     assert not source.tiles_match(3)  # 21 numbers a tile: not whole blocks of 16
     whole = source.draw(0, [0])[0]

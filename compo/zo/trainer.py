@@ -158,7 +158,7 @@ class ZOTrainer:
             hz, width = inp.h @ q, q.shape[1]
         else:
             q, hz, width = None, inp.h, hdim
-        source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device)
+        source = PerturbationSource(self.seed, (v, width), cfg.radius, cfg.distribution, device, rng=cfg.rng)
         matmul_dtype = getattr(torch, cfg.matmul_dtype)
         low = 0 if matmul_dtype == torch.float32 else matmul_dtype.itemsize
         c = cfg.chunk_size or chunk_size(cfg.memory_budget_mb, v, width, inp.h.shape[0], low)
