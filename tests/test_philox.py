@@ -192,3 +192,12 @@ def test_the_config_takes_only_the_two_rngs():
     assert ZOConfig().rng == "torch" and ZOConfig(rng="philox").rng == "philox"
     with pytest.raises(ValidationError):
         ZOConfig(rng="numpy")
+
+
+@needs_numba
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_gpu_draws_the_cpu_kernels_numbers_bit_for_bit():
+    k0, k1 = philox.keys(perturbation_seed(3, 1, 4))
+    cpu = philox.fill_normal(torch.empty(1 << 20), k0, k1, 5)
+    gpu = philox.fill_normal(torch.empty(1 << 20, device="cuda"), k0, k1, 5)
+    assert torch.equal(gpu.cpu(), cpu)
