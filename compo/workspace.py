@@ -189,7 +189,7 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
 
     run = RunDir(cfg.run_dir)
     check_run_dir(run.root)
-    check_device(cfg.model.device)
+    device = check_device(cfg.model.device)
     check_model_path("model.path", cfg.model.path, cfg.model.gguf_file)
     if cfg.split.reference:
         check_model_path("split.reference", cfg.split.reference)
@@ -197,6 +197,8 @@ def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = Fal
         lora.check_available(cfg)
     train, held, kind = load_data(cfg)
     stages = stages_of(command, cfg, kind)
+    if "stage2" in stages and cfg.zo.rng == "philox" and device.type == "mps":
+        raise UserError("zo.rng", "philox rounds through float64, which MPS lacks; use zo.rng=torch on MPS")
     if "stage1" in stages and kind != "paired" and cfg.stage1.loss not in ("kto", "bco"):
         from compo.stage1_unpaired import paired_data_message
 

@@ -1,7 +1,7 @@
 """``zo.rng: philox`` (compo/zo/philox.py): Philox4x32-10 against the published known-answer
 vectors, the numba kernel against the torch-ops arithmetic bit for bit, Box-Muller against a
 float64 evaluation of the same bits, the moments of the normals, and the perturbation source,
-the fused CPU path and whole trainer steps on this stream."""
+the fused CPU path on this stream (whole trainer steps: tests/test_zo_fused.py)."""
 
 import importlib.util
 import math
@@ -150,30 +150,6 @@ def test_fused_philox_candidates_match_draw_then_evaluate(threads):
     assert torch.equal(z, z_ref) and torch.equal(s2, s) and torch.equal(lp, lp_ref)
 
 
-def test_trainer_steps_on_the_philox_stream_are_the_same_fused_or_drawn(toy_reference, toy_pairs, monkeypatch):
-    import copy
-
-    from compo.config import ZOConfig
-    from compo.encode import encode_rows
-    from compo.zo import trainer as zt
-    from oracles import LikelihoodOracle
-
-    model, tok = toy_reference
-    enc = encode_rows(toy_pairs[0][:2], tok, 32, 16)
-    monkeypatch.setattr(zt, "vocab_tile", lambda device, n_tok, v: 16)
-    runs = {}
-    for rng, fused in (("philox", False), ("philox", True), ("torch", False)):
-        monkeypatch.setattr(zt, "worth_fusing", lambda v, width, fused=fused: fused)
-        cfg = ZOConfig(estimator="projected", m=48, chunk_size=8, radius=0.02, checkpoint_every=0, rng=rng)
-        trainer = zt.ZOTrainer(copy.deepcopy(model), cfg, 0, LikelihoodOracle(), 0)
-        rec = trainer.step(0, enc.items[:2], toy_pairs[0][:2])
-        runs[(rng, fused)] = (rec["n_minus"], trainer.last_u.clone(), trainer.w.clone())
-    a, b, other = runs[("philox", False)], runs[("philox", True)], runs[("torch", False)]
-    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
-    assert 0 < a[0] < 48
-    assert not torch.equal(a[1], other[1])  # another stream: other directions
-
-
 def test_a_run_recorded_before_zo_rng_existed_resumes_at_its_default_only():
     from compo.config import RunConfig
     from compo.fingerprint import current, differences
@@ -201,3 +177,18 @@ def test_a_cuda_gpu_draws_the_cpu_kernels_numbers_bit_for_bit():
     cpu = philox.fill_normal(torch.empty(1 << 20), k0, k1, 5)
     gpu = philox.fill_normal(torch.empty(1 << 20, device="cuda"), k0, k1, 5)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_philox_on_mps_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from compo import models
+    from compo.cli import main
+
+    monkeypatch.setattr(models, "check_device", lambda name: torch.device("mps"))  # an MPS machine
+    run = tmp_path / "run"
+    config = str(Path(__file__).resolve().parent / "tiny.yaml")
+    rc = main(["pipeline", "-c", config, "--run-dir", str(run), "--set", "zo.rng=philox"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("compo: error: zo.rng: ") and "MPS" in err and err.count("\n") == 1
+    assert not run.exists()

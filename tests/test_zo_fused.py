@@ -136,7 +136,8 @@ def test_a_failing_worker_fails_the_call_after_every_worker_has_stopped():
 
 def test_trainer_steps_are_the_same_fused_or_drawn_then_evaluated(toy_reference, toy_pairs, monkeypatch):
     """A whole stage-2 step on the toy model with its head forced through vocab tiles: one
-    candidate per thread (on 1 and on 2 threads) against draw-then-evaluate on 1 thread."""
+    candidate per thread (on 1 and on 2 threads) against draw-then-evaluate on 1 thread, on
+    torch's stream and on zo.rng philox's (whose directions are others)."""
     import copy
 
     from compo.config import ZOConfig
@@ -150,19 +151,23 @@ def test_trainer_steps_are_the_same_fused_or_drawn_then_evaluated(toy_reference,
     calls = []
     monkeypatch.setattr(zt, "fused_logps", lambda *a, **k: calls.append(1) or fused_logps(*a, **k))
     runs = {}
-    for name, fused, threads in (("drawn", False, 1), ("fused1", True, 1), ("fused2", True, 2)):
+    for name, fused, threads, rng in (("drawn", False, 1, "torch"), ("fused1", True, 1, "torch"),
+                                      ("fused2", True, 2, "torch"), ("philox_drawn", False, 1, "philox"),
+                                      ("philox_fused2", True, 2, "philox")):
         monkeypatch.setattr(zt, "worth_fusing", lambda v, width, fused=fused: fused)
         n = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            cfg = ZOConfig(estimator="projected", m=48, chunk_size=8, radius=0.02, checkpoint_every=0)
+            cfg = ZOConfig(estimator="projected", m=48, chunk_size=8, radius=0.02, checkpoint_every=0, rng=rng)
             trainer = zt.ZOTrainer(copy.deepcopy(model), cfg, 0, LikelihoodOracle(), 0)
             rec = trainer.step(0, enc.items[:2], toy_pairs[0][:2])
         finally:
             torch.set_num_threads(n)
         runs[name] = (rec["n_minus"], trainer.last_u.clone(), trainer.w.clone(), len(calls))
-    for name in ("fused1", "fused2"):
-        assert runs[name][0] == runs["drawn"][0]
-        assert torch.equal(runs[name][1], runs["drawn"][1]) and torch.equal(runs[name][2], runs["drawn"][2])
-    assert 0 < runs["drawn"][0] < 48
-    assert [runs[k][3] for k in ("drawn", "fused1", "fused2")] == [0, 6, 12]  # 48 / 8 chunks a fused step
+    for name, ref in (("fused1", "drawn"), ("fused2", "drawn"), ("philox_fused2", "philox_drawn")):
+        assert runs[name][0] == runs[ref][0]
+        assert torch.equal(runs[name][1], runs[ref][1]) and torch.equal(runs[name][2], runs[ref][2])
+    assert 0 < runs["drawn"][0] < 48 and 0 < runs["philox_drawn"][0] < 48
+    assert not torch.equal(runs["philox_drawn"][1], runs["drawn"][1])  # another stream: other directions
+    # 48 / 8 chunks a fused step
+    assert [runs[k][3] for k in ("drawn", "fused1", "fused2", "philox_drawn", "philox_fused2")] == [0, 6, 12, 12, 18]

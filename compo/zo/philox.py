@@ -1,15 +1,16 @@
 """Standard normals from Philox4x32-10 (``zo.rng: philox``), the same numbers on every device.
 
-Philox (Salmon et al., SC'11, the generator behind cuRAND and PyTorch's CUDA generator) is counter-based: block c
-of a stream keyed by (k0, k1) is a pure function of c, so any slice of a draw is computed on its
-own, in any order, on any thread. Number j of a stream is lane j % 4 of the block for counter
-(j // 4 low word, j // 4 high word, 0, 0). Lanes (0, 1) and (2, 3) are turned into two normals
-each by Box-Muller: ``r = sqrt(-2 ln u)`` with ``u = ((a >> 8) + 1) 2^-24`` in (0, 1] and the
-angle ``(b >> 30 + ((b >> 6) & 0xFFFFFF) 2^-24) pi/2``, in float32 with series for ln, sin and cos
-written out as single multiplies and adds (no library ln/sin/cos, no fused multiply-add), so
-CPUs and CUDA GPUs give the same bits (CUDA untested so far; MPS, lacking float64, is refused).
-On the CPU a numba kernel draws ~1.5 ns a number (torch's mt19937 normal: ~4 ns); :func:`normal_torch` is the same arithmetic in torch ops, for
-GPUs and for a machine without numba.
+Philox (Salmon et al., SC'11; behind cuRAND and PyTorch's CUDA generator) is counter-based:
+block c of a stream keyed by (k0, k1) is a pure function of c, so any slice of a draw is
+computed on its own, in any order, on any thread. Number j of a stream is lane j % 4 of the
+block for counter (j // 4 low word, j // 4 high word, 0, 0). Lanes (0, 1) and (2, 3) are turned
+into two normals each by Box-Muller: ``r = sqrt(-2 ln u)`` with ``u = ((a >> 8) + 1) 2^-24`` in
+(0, 1] and the angle ``(b >> 30 + ((b >> 6) & 0xFFFFFF) 2^-24) pi/2``, in float32 with series
+for ln, sin and cos written out as single multiplies and adds (no library ln/sin/cos, no fused
+multiply-add), so CPUs and CUDA GPUs give the same bits (CUDA untested so far; MPS, lacking
+float64, is refused). On the CPU a numba kernel draws ~1.5 ns a number (torch's mt19937 normal:
+~4 ns); :func:`normal_torch` is the same arithmetic in torch ops, for GPUs and for a machine
+without numba.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def _box_muller_torch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
     e = ((bits >> 23) - 151 + big).to(torch.float32)
     s = (m - 1.0) / (m + 1.0)
     ln = e * float(LN2) + s * _horner(s * s, LOG)
-    r = torch.sqrt((ln * -2.0).double()).float()  # torch's float32 sqrt is not always correctly rounded (SLEEF, 0.5001 ulp); double then float is
+    # torch's float32 sqrt is not always correctly rounded (SLEEF, 0.5001 ulp); float64, then float32, is
+    r = torch.sqrt((ln * -2.0).double()).float()
     q = (b >> 30).to(torch.int32)
     phi = ((b >> 6) & 0xFFFFFF).to(torch.float32) * float(ANGLE)
     p2 = phi * phi
@@ -88,7 +90,9 @@ def _box_muller_torch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
     cc, ss = torch.where(swap, sn, cs), torch.where(swap, cs, sn)
     cbit = ((q ^ (q >> 1)) & 1) * _SIGN  # cos < 0 in quadrants 1, 2
     sbit = (q >> 1) * _SIGN  # sin < 0 in quadrants 2, 3
-    return r * (cc.view(torch.int32) ^ cbit).view(torch.float32), r * (ss.view(torch.int32) ^ sbit).view(torch.float32)
+    cos_signed = (cc.view(torch.int32) ^ cbit).view(torch.float32)
+    sin_signed = (ss.view(torch.int32) ^ sbit).view(torch.float32)
+    return r * cos_signed, r * sin_signed
 
 
 def normal_torch(n: int, k0: int, k1: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
