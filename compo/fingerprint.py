@@ -13,7 +13,7 @@ import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import compo
 from compo.config import RunConfig
@@ -55,15 +55,24 @@ def _file_digest(path: Path, full: bool = True) -> str:
     return f"{size}:{h.hexdigest()[:32]}"
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_file_digest(path: Path, full: bool, size: int, mtime_ns: int) -> str:
+    return _file_digest(path, full)
+
+
 def path_digest(path: str, full: bool = True) -> str:
-    """Digest of a file, or of every file below a directory; the name itself when not local."""
+    """Digest of a file, or of every file below a directory; the name itself when not local.
+
+    A file's digest is cached by (path, size, mtime), so a study's many cells hash its data once."""
     p = Path(os.path.expanduser(path))
     if p.is_file():
-        return _file_digest(p, full)
+        st = p.stat()
+        return _cached_file_digest(p.resolve(), full, st.st_size, st.st_mtime_ns)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
-            h.update(f"{f.relative_to(p)}={_file_digest(f, full)};".encode())
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}={_cached_file_digest(f.resolve(), full, st.st_size, st.st_mtime_ns)};".encode())
         return h.hexdigest()[:32]
     return f"name:{path}"
 
@@ -83,6 +92,14 @@ def current(cfg: RunConfig, stage: str, after_stage1: bool = False) -> dict[str,
         if flat.get(key) and flat[key] != "toy":
             fp[f"{key}#identity"] = path_digest(flat[key], full=False)
     return fp
+
+
+def merged(fps: Iterable[dict]) -> dict[str, Any]:
+    """One flat dict of several stages' fingerprints (later stages repeat earlier keys unchanged)."""
+    out: dict[str, Any] = {}
+    for fp in fps:
+        out.update(fp)
+    return out
 
 
 def recorded(run: RunDir) -> dict[str, dict]:
@@ -120,6 +137,12 @@ def _show(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+def describe(diff: list[str], old: dict, new: dict, limit: int = 6) -> str:
+    """``key: old -> new; ...`` for the first ``limit`` differing keys."""
+    shown = "; ".join(f"{k}: {_show(old.get(k, '(unset)'))} -> {_show(new.get(k, '(unset)'))}" for k in diff[:limit])
+    return shown + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
 def check(run: RunDir, stage: str, fp: dict, force: bool) -> list[str]:
     """Refuse to continue ``stage`` from this run dir when its recorded fingerprint differs.
 
@@ -132,8 +155,6 @@ def check(run: RunDir, stage: str, fp: dict, force: bool) -> list[str]:
                              f"recorded fingerprint for them (made by an older compo?); --force-resume continues anyway")
     diff = differences(old, fp)
     if diff and not force:
-        shown = "; ".join(f"{k}: {_show(old.get(k, '(unset)'))} -> {_show(fp.get(k, '(unset)'))}" for k in diff[:6])
-        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-        raise ResumeMismatch(run.fingerprint, f"--resume would continue {stage} of another run: {shown}{more}; "
+        raise ResumeMismatch(run.fingerprint, f"--resume would continue {stage} of another run: {describe(diff, old, fp)}; "
                              "use a new --run-dir, drop --resume to start over, or --force-resume")
     return diff

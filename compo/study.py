@@ -169,6 +169,24 @@ def _seed_split(donor: Path, target: Path) -> None:
         atomic_write_json(target / "eval_scores.json", {k: saved[k] for k in ("sources", "reference") if k in saved})
 
 
+#: Eval options that change a cell's intervals (the rest concern `compo eval`).
+EVAL_KEYS = ("eval.bootstrap", "eval.level")
+
+
+def cell_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What a cell's result depends on: its run's stage fingerprints and the interval options."""
+    stages = ("split", "stage1", "stage2") if cfg.zo.enabled else ("split", "stage1")
+    fp = fingerprint.merged(fingerprint.current(cfg, s) for s in stages)
+    flat = fingerprint.flatten(cfg.model_dump(mode="json"))
+    return fp | {k: flat[k] for k in EVAL_KEYS}
+
+
+def _run_fingerprints(cfg: RunConfig, run_dir: Path) -> tuple[dict, dict]:
+    """(recorded, current) fingerprints of the stages a run directory has recorded."""
+    rec = read_json(run_dir / "fingerprint.json") if (run_dir / "fingerprint.json").exists() else {}
+    return fingerprint.merged(rec.values()), fingerprint.merged(fingerprint.current(cfg, s) for s in rec)
+
+
 def _finished(run_dir: Path, stage: str) -> bool:
     marker = run_dir / "model" / "compo_stage.json"
     return marker.exists() and read_json(marker).get("stage") == stage and (run_dir / "eval_scores.json").exists()
@@ -223,14 +241,36 @@ class Runner:
                 self._pipeline(cfg)
         result = cell_metrics(run_dir, stage, cfg)
         result.update(cell=name, method=name.split("_", 2)[2], seed=cfg.seed, noise=cfg.data.noise.rate,
-                      run_dir=str(run_dir))
+                      run_dir=str(run_dir), fingerprint=cell_fingerprint(cfg))
         atomic_write_json(self.cell_result(name), result)
         return result
+
+    def check_recorded(self) -> None:
+        """Refuse, before any work, a study directory whose cells ran with another config: a
+        finished cell would otherwise be reported with results of settings it no longer has."""
+        for name, cfg in self.cells.items():
+            path = self.cell_result(name)
+            if path.exists():
+                saved = read_json(path)
+                old, new = saved.get("fingerprint"), cell_fingerprint(cfg)
+                if old is None:  # written before cells recorded theirs: compare the run's own record
+                    old, _ = _run_fingerprints(cfg, Path(saved.get("run_dir", "")))
+                    new = {k: v for k, v in new.items() if k not in EVAL_KEYS}
+            elif cfg.zo.enabled and Path(cfg.run_dir).exists():
+                path = Path(cfg.run_dir) / "fingerprint.json"
+                old, new = _run_fingerprints(cfg, Path(cfg.run_dir))
+            else:
+                continue
+            diff = fingerprint.differences(old, new)
+            if diff:
+                raise UserError(str(path), f"cell {name} ran with another config ({fingerprint.describe(diff, old, new, 3)}); "
+                                f"give a new --study-dir, or move {self.root} away to start over")
 
     def run(self) -> list[dict]:
         """Every cell (finished ones read back), then the CSV, Markdown and plots."""
         from compo.study_report import write_report
 
+        self.check_recorded()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / "study.yaml", yaml.safe_dump(self.study.model_dump(mode="json"), sort_keys=False))
         results = []

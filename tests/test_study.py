@@ -43,7 +43,7 @@ def _run(path: Path, fault: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_study_runs_resumes_and_reports(tmp_path):
+def test_study_runs_resumes_and_reports(tmp_path, capsys):
     path = _study(tmp_path)
     root = tmp_path / "study"
     killed = _run(path, "kill:zo.step:2")  # dies in cell 2 (the first stage-2 cell), step 2
@@ -87,6 +87,43 @@ def test_study_runs_resumes_and_reports(tmp_path):
     assert res["split"]["wrong_labels_in_noisy"] is not None  # carried into runs that reuse the split
     other = json.loads((root / "cells" / "s0_n0.3_dpo_clean.json").read_text())
     assert other["split"] == res["split"]
+    _refuses_changed_configs(path, root, capsys)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refuses_changed_configs(path: Path, root: Path, capsys) -> None:
+    """A rerun whose cells would change refuses before any work; the study directory stays as it was."""
+    spec = yaml.safe_load(path.read_text())
+    before = _files(root)
+
+    def refused(changes: dict, where: str, key: str) -> None:
+        changed = tmp / "changed.yaml"
+        changed.write_text(yaml.safe_dump({**spec, "overrides": {**spec["overrides"], **changes}}))
+        assert main(["study", "-c", str(changed)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and where in err and key in err, err
+        assert _files(root) == before
+
+    tmp = path.parent
+    cells = root / "cells"
+    refused({"zo.m": 16}, str(cells / "s0_n0_compo_projected.json"), "zo.m: 32 -> 16")  # the stage-1 cell before it is unchanged
+    refused({"eval.bootstrap": 100}, str(cells / "s0_n0_dpo_clean.json"), "eval.bootstrap: 200 -> 100")
+    refused({"stage1.beta": 0.2}, str(cells / "s0_n0_dpo_clean.json"), "stage1.beta: 0.1 -> 0.2")
+
+    legacy = cells / "s0_n0_compo_projected.json"  # a result from before cells recorded their fingerprint
+    saved = json.loads(legacy.read_text())
+    legacy.write_text(json.dumps({k: v for k, v in saved.items() if k != "fingerprint"}))
+    before = _files(root)
+    refused({"zo.m": 16}, str(legacy), "zo.m: 32 -> 16")  # read from its run directory's record
+    legacy.unlink()  # no result yet, but its stage-2 run directory ran with zo.m 32
+    before = _files(root)
+    refused({"zo.m": 16}, str(root / "runs" / "s0_n0_compo_projected" / "fingerprint.json"), "zo.m: 32 -> 16")
+    legacy.write_text(json.dumps(saved))
+    assert main(["study", "-c", str(path)]) == 0  # the unchanged study still reads every cell back
+    assert capsys.readouterr().out.count("done earlier, skipping") == 4
 
 
 def test_a_second_stage1_run_reuses_the_split_and_its_summary(tmp_path, capsys):
