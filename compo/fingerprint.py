@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import compo
 from compo.config import RunConfig
 from compo.errors import ResumeMismatch
+from compo.redact import redact, secret_key
 from compo.rundir import RunDir, atomic_write_json, read_json
 
 #: Keys that change what is written or logged, never the numbers.
@@ -91,7 +92,7 @@ def current(cfg: RunConfig, stage: str, after_stage1: bool = False) -> dict[str,
     for key in ("model.path", "split.reference"):
         if flat.get(key) and flat[key] != "toy":
             fp[f"{key}#identity"] = path_digest(flat[key], full=False)
-    return fp
+    return redact(fp)  # recorded in run directories and study cells: no API key or URL credential
 
 
 def merged(fps: Iterable[dict]) -> dict[str, Any]:
@@ -127,9 +128,11 @@ def _defaults() -> dict[str, Any]:
 
 def differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ; a key that only one side has counts as at its default there
-    (a run recorded before an option existed ran with the option's default)."""
+    (a run recorded before an option existed ran with the option's default). Secret keys are
+    not compared (they are recorded as ``***``; a rotated API key changes no answer)."""
     dflt = _defaults()
-    return sorted(k for k in set(old) | set(new) if old.get(k, dflt.get(k)) != new.get(k, dflt.get(k)))
+    return sorted(k for k in set(old) | set(new)
+                  if not secret_key(k) and old.get(k, dflt.get(k)) != new.get(k, dflt.get(k)))
 
 
 def _show(v: Any) -> str:

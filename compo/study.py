@@ -252,9 +252,19 @@ class Runner:
             path = self.cell_result(name)
             if path.exists():
                 saved = read_json(path)
+                stage = "stage2" if cfg.zo.enabled else "stage1"
+                if saved.get("stage") != stage:
+                    raise UserError(str(path), f"cell {name} holds {saved.get('stage')} results but its config now "
+                                    f"ends with {stage} (zo.enabled: {not cfg.zo.enabled} -> {cfg.zo.enabled}); "
+                                    f"give a new --study-dir, or move {self.root} away to start over")
                 old, new = saved.get("fingerprint"), cell_fingerprint(cfg)
                 if old is None:  # written before cells recorded theirs: compare the run's own record
-                    old, _ = _run_fingerprints(cfg, Path(saved.get("run_dir", "")))
+                    run_dir = Path(saved["run_dir"]) if saved.get("run_dir") else None
+                    if run_dir is None or not (run_dir / "fingerprint.json").exists():
+                        raise UserError(str(path), f"cell {name} records no fingerprint and its run directory "
+                                        f"{run_dir} has none, so it cannot be checked against this config; delete "
+                                        "the cell's file to redo it, or give a new --study-dir")
+                    old, _ = _run_fingerprints(cfg, run_dir)
                     new = {k: v for k, v in new.items() if k not in EVAL_KEYS}
             elif cfg.zo.enabled and Path(cfg.run_dir).exists():
                 path = Path(cfg.run_dir) / "fingerprint.json"

@@ -55,6 +55,22 @@ def test_config_yaml_redacts_tokens_keys_passwords_and_url_credentials():
     assert cfg.eval.judge_options["token"] == "hf_T1"  # the run itself still gets the value
 
 
+def test_fingerprints_record_no_secret_and_ignore_a_rotated_key():
+    from compo import fingerprint
+
+    cfg = load_config(None, ["zo.oracle.options={api_key: sk-S1, base_url: 'https://bob:P2@h.example/v1', rule: strict}",
+                             "data.path=https://user:P3@data.example/pairs.jsonl"])
+    fp = fingerprint.current(cfg, "stage2")  # what run directories and study cells record
+    text = repr(fp)
+    for secret in ("sk-S1", "bob", "P2", "user", "P3"):
+        assert secret not in text, secret
+    assert fp["zo.oracle.options.api_key"] == "***" and fp["zo.oracle.options.rule"] == "strict"
+    assert fp["data.path#sha256"] == "name:https://***@data.example/pairs.jsonl"
+    old = {**fp, "zo.oracle.options.api_key": "sk-OLD"}  # recorded raw by an older compo
+    assert fingerprint.differences(old, fp) == []
+    assert fingerprint.differences({**fp, "zo.oracle.options.rule": "relaxed"}, fp) == ["zo.oracle.options.rule"]
+
+
 def test_every_option_has_a_description():
     rows = reference_table()
     assert len(rows) > 60

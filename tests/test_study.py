@@ -99,9 +99,9 @@ def _refuses_changed_configs(path: Path, root: Path, capsys) -> None:
     spec = yaml.safe_load(path.read_text())
     before = _files(root)
 
-    def refused(changes: dict, where: str, key: str) -> None:
+    def refused(changes: dict, where: str, key: str, **study) -> None:
         changed = tmp / "changed.yaml"
-        changed.write_text(yaml.safe_dump({**spec, "overrides": {**spec["overrides"], **changes}}))
+        changed.write_text(yaml.safe_dump({**spec, "overrides": {**spec["overrides"], **changes}, **study}))
         assert main(["study", "-c", str(changed)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and where in err and key in err, err
@@ -112,12 +112,17 @@ def _refuses_changed_configs(path: Path, root: Path, capsys) -> None:
     refused({"zo.m": 16}, str(cells / "s0_n0_compo_projected.json"), "zo.m: 32 -> 16")  # the stage-1 cell before it is unchanged
     refused({"eval.bootstrap": 100}, str(cells / "s0_n0_dpo_clean.json"), "eval.bootstrap: 200 -> 100")
     refused({"stage1.beta": 0.2}, str(cells / "s0_n0_dpo_clean.json"), "stage1.beta: 0.1 -> 0.2")
+    refused({}, str(cells / "s0_n0_dpo_clean.json"), "holds stage1 results but its config now ends with stage2",
+            methods={"dpo_clean": {"zo.enabled": True}, "compo_projected": {}})  # zo.* at their defaults
 
     legacy = cells / "s0_n0_compo_projected.json"  # a result from before cells recorded their fingerprint
     saved = json.loads(legacy.read_text())
     legacy.write_text(json.dumps({k: v for k, v in saved.items() if k != "fingerprint"}))
     before = _files(root)
     refused({"zo.m": 16}, str(legacy), "zo.m: 32 -> 16")  # read from its run directory's record
+    legacy.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("fingerprint", "run_dir")}))
+    before = _files(root)
+    refused({}, str(legacy), "records no fingerprint and its run directory None has none")
     legacy.unlink()  # no result yet, but its stage-2 run directory ran with zo.m 32
     before = _files(root)
     refused({"zo.m": 16}, str(root / "runs" / "s0_n0_compo_projected" / "fingerprint.json"), "zo.m: 32 -> 16")
