@@ -24,6 +24,10 @@ Prints one JSON object on stdout (progress on stderr). Besides the three timings
 ``speedup_vs_reference`` = reference_s / compo_full_s, ``ratio_to_floor`` = compo_full_s / floor_s,
 ``completion_tokens`` (scored tokens, chosen + rejected), ``chunk_*`` (perturbations per chunk),
 ``compo_*_loop_s`` (the trainer's own wall-clock perturbation loop, without capture and update).
+``head_matmul_bf16_tflops``: a bf16 ``torch.bmm`` of one projected chunk's candidates
+(scripts/bench_head.py), and with ``peak_bf16_tflops`` (a known GPU's, or ``--peak-tflops``)
+``head_matmul_fraction_of_peak``; ``projected_step_head_tflops`` / ``_fraction_of_peak``: the
+head FLOP/s the projected step's perturbation loop achieved (``projected_perturbations_per_s``).
 ``--matmul-dtype bfloat16`` times the compo steps with ``zo.matmul_dtype`` bfloat16 (the floor
 stays float32) and adds ``vote_agreement_vs_float32``: the share of a projected step's m votes
 that are the same as with the float32 matmul. ``--rng philox`` draws the perturbations (compo's
@@ -52,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from bench_head import head_matmul_tflops, peak_tflops, step_tflops  # noqa: E402
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="zo.matmul_dtype of the compo steps; not float32: also vote_agreement_vs_float32")
     ap.add_argument("--rng", default="torch", choices=("torch", "philox"),
                     help="zo.rng of the compo steps and the floors' draws")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense bf16 peak, TFLOP/s (default: bench_head's table for known GPUs)")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
     ap.add_argument("--skip-full", action="store_true", help="do not time the full estimator (an m=1600 full step "
                     "takes minutes on a CPU)")
@@ -318,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 device, projected=True, rng=args.rng)
         log(f"  floor_projected_s={floor_pb:.5f}")
         floor_p = min(floor_pa, floor_pb)
+        peak = peak_tflops(device, args.peak_tflops)
+        log("head matmul throughput (bf16, one projected chunk) ...")
+        mm_tflops = head_matmul_tflops(device, rec_proj["chunk"], n_tok, width, v)
+        log(f"  head_matmul_bf16_tflops={mm_tflops:.3f}")
         ref_s = None
         if not args.skip_reference:
             log(f"reference ({args.ref_reps} perturbations) ...")
@@ -350,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_projected": rec_proj["chunk"],
         "compo_full_loop_s": None if rec_full is None else 1.0 / rec_full["perturbations_per_s"],
         "compo_projected_loop_s": 1.0 / rec_proj["perturbations_per_s"],
+        "projected_perturbations_per_s": rec_proj["perturbations_per_s"],
+        "peak_bf16_tflops": peak,
+        "head_matmul_bf16_tflops": mm_tflops,
+        "head_matmul_fraction_of_peak": None if not peak else mm_tflops / peak,
+        "projected_step_head_tflops": step_tflops(rec_proj["perturbations_per_s"], n_tok, width, v),
+        "projected_step_fraction_of_peak": None if not peak else step_tflops(rec_proj["perturbations_per_s"], n_tok,
+                                                                             width, v) / peak,
         "matmul_dtype": args.matmul_dtype,
         "rng": args.rng,
         "vote_agreement_vs_float32": agreement,
