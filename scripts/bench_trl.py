@@ -13,7 +13,8 @@ without precomputed reference log-probs holds a second copy of the model).
 
 Prints one JSON object on stdout: ``compo_pairs_per_s``, ``trl_pairs_per_s`` (precompute on),
 ``trl_noprecompute_pairs_per_s``, ``compo_peak_rss_mb``, ``trl_peak_rss_mb``,
-``trl_noprecompute_peak_rss_mb``, ``speedup_vs_trl`` and each worker's raw figures.
+``trl_noprecompute_peak_rss_mb``, ``speedup_vs_trl`` and each worker's raw figures; with
+``--device cuda`` both trainers run on the GPU (still fp32) and each also reports ``*_peak_gpu_mb``.
 TRL is needed only here: ``pip install trl`` (into the same environment, or point
 ``--trl-python`` at another interpreter that has compo's dependencies and trl).
 
@@ -63,17 +64,35 @@ def select_pairs(data: str, model: str, n: int, max_length: int) -> list[dict]:
     raise SystemExit(f"{data}: only {len(out)} pairs fit --max-length {max_length}, {n} needed")
 
 
-def step_timer():
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so a clock reading after a step covers it."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def step_timer(device: str = "cpu"):
     """(marks, mark): call mark() after every optimizer step; marks holds the clock readings."""
     marks = [time.perf_counter()]
-    return marks, lambda: marks.append(time.perf_counter())
+
+    def mark() -> None:
+        sync(device)
+        marks.append(time.perf_counter())
+
+    return marks, mark
 
 
-def summarise(marks: list[float], warmup: int, batch: int, prep_s: float) -> dict:
+def summarise(marks: list[float], warmup: int, batch: int, prep_s: float, device: str = "cpu") -> dict:
     dts = [b - a for a, b in zip(marks, marks[1:])][warmup:]
     med = statistics.median(dts)
-    return {"s_per_step_median": round(med, 4), "steps_timed": len(dts), "pairs_per_s": round(batch / med, 4),
-            "prep_s": round(prep_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    out = {"s_per_step_median": round(med, 4), "steps_timed": len(dts), "pairs_per_s": round(batch / med, 4),
+           "prep_s": round(prep_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if device.startswith("cuda"):
+        import torch
+
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def worker_compo(args, pairs_file: Path) -> dict:
@@ -93,7 +112,7 @@ def worker_compo(args, pairs_file: Path) -> dict:
             f"stage1.batch_size={args.batch}", f"stage1.max_steps={args.steps + args.warmup}",
             "stage1.warmup_ratio=0.0", "stage1.save_steps=0", f"stage1.learning_rate={args.lr}",
             f"stage1.beta={args.beta}", f"data.max_length={args.max_length}",
-            f"data.max_prompt_length={args.max_length - 1}", "model.device=cpu", "model.dtype=float32",
+            f"data.max_prompt_length={args.max_length - 1}", f"model.device={args.device}", "model.dtype=float32",
             f"run_dir={args.scratch}/compo", f"seed={args.seed}", f"split.batch_size={args.batch}",
             f"stage1.gradient_checkpointing={'true' if args.gradient_checkpointing else 'false'}", *args.compo_set]
     cfg = load_config(None, over)
@@ -105,10 +124,10 @@ def worker_compo(args, pairs_file: Path) -> dict:
     ref = score_pairs(model, enc.items, ws.pad_id, cfg.split.batch_size, progress=False)
     prep = time.perf_counter() - t0
     data = Stage1Data(enc.items, torch.stack([ref.chosen, ref.rejected], 1))
-    marks, mark = step_timer()
+    marks, mark = step_timer(args.device)
     train_stage1(model, tok, data, cfg, run, paired_objective(cfg, ws.pad_id), hooks={"after_step": mark},
                  progress=False)
-    return summarise(marks, args.warmup, args.batch, prep)
+    return summarise(marks, args.warmup, args.batch, prep, args.device)
 
 
 def worker_trl(args, pairs_file: Path, precompute: bool) -> dict:
@@ -130,12 +149,13 @@ def worker_trl(args, pairs_file: Path, precompute: bool) -> dict:
             marks.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
+            sync(args.device)
             marks.append(time.perf_counter())
 
     cfg = DPOConfig(output_dir=f"{args.scratch}/trl", per_device_train_batch_size=args.batch,
                     max_steps=args.steps + args.warmup, learning_rate=args.lr, beta=args.beta,
                     max_length=args.max_length, precompute_ref_log_probs=precompute,
-                    precompute_ref_batch_size=args.batch, use_cpu=True, bf16=False, fp16=False,
+                    precompute_ref_batch_size=args.batch, use_cpu=args.device == "cpu", bf16=False, fp16=False,
                     report_to=[], save_strategy="no", logging_steps=10**6, seed=args.seed,
                     dataloader_num_workers=0, disable_tqdm=True,
                     gradient_checkpointing=bool(args.gradient_checkpointing))
@@ -143,7 +163,7 @@ def worker_trl(args, pairs_file: Path, precompute: bool) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    out = summarise(marks, args.warmup, args.batch, 0.0)
+    out = summarise(marks, args.warmup, args.batch, 0.0, args.device)
     out["prep_s"] = round(max(0.0, total - (marks[-1] - marks[0])), 3)  # before the first step: ref pass
     return out
 
@@ -177,6 +197,8 @@ def parse(argv):
                     help="activation checkpointing in both trainers (1: TRL's default, which trades compute for "
                          "memory; 0: off in both)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where both trainers run (cuda: also each worker's peak_gpu_mb)")
     ap.add_argument("--trl-python", default=sys.executable, help="interpreter with trl installed")
     ap.add_argument("--compo-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra compo config overrides for the compo worker (e.g. stage1.gradient_checkpointing=true)")
@@ -220,10 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         res = {k: run_worker(args, k, pf) for k in kinds}
     out: dict = {"model": args.model, "pairs": len(pairs), "batch": args.batch, "steps": args.steps,
                  "gradient_checkpointing": bool(args.gradient_checkpointing),
-                 "max_length": args.max_length, "threads": args.threads, "dtype": "float32"}
+                 "max_length": args.max_length, "threads": args.threads, "dtype": "float32", "device": args.device}
     for k, r in res.items():
         out[f"{k}_pairs_per_s"] = r["pairs_per_s"]
         out[f"{k}_peak_rss_mb"] = r["peak_rss_mb"]
+        if "peak_gpu_mb" in r:
+            out[f"{k}_peak_gpu_mb"] = r["peak_gpu_mb"]
     if "compo" in res and "trl" in res:
         out["speedup_vs_trl"] = round(res["compo"]["pairs_per_s"] / res["trl"]["pairs_per_s"], 3)
     out["workers"] = res

@@ -39,3 +39,23 @@ def test_bench_zo_reports_throughput_against_the_given_peak(capsys):
     step = rate * 2 * out["completion_tokens"] * out["projected_width"] * out["V"] / 1e12
     assert math.isclose(out["projected_step_head_tflops"], step, rel_tol=1e-12)
     assert math.isclose(out["projected_step_fraction_of_peak"], step / 2.0, rel_tol=1e-12)
+
+
+def test_random_model_has_the_configs_shape_and_is_seeded(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import random_model
+
+    src = tmp_path / "src"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(src)
+    (src / "tokenizer.json").write_text("{}")
+    (src / "model.safetensors").write_text("not copied")
+    a = AutoModelForCausalLM.from_pretrained(random_model.build(src, tmp_path / "a", seed=3))
+    b = AutoModelForCausalLM.from_pretrained(random_model.build(src, tmp_path / "b", seed=3))
+    c = AutoModelForCausalLM.from_pretrained(random_model.build(src, tmp_path / "c", seed=4))
+    assert a.get_output_embeddings().weight.shape == (64, 16) and a.config.num_hidden_layers == 1
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == "{}"
+    assert not (tmp_path / ".a.tmp").exists()
