@@ -17,8 +17,9 @@ import torch
 
 #: Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the
 #: device name (the first that matches wins: "H100 PCIe" before "H100"); ``--peak-tflops`` for any other.
-BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0),
-                    ("L40S", 362.1), ("L4", 121.0))
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5),
+                    ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0),
+                    ("L4", 121.0))
 
 
 def peak_tflops(device: torch.device, override: float | None = None) -> float | None:

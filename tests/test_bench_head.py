@@ -20,7 +20,7 @@ def test_peak_table_by_device_name(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert bench_head.peak_tflops(cpu) is None and bench_head.peak_tflops(cpu, 12.5) == 12.5
     for name, peak in (("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.5), ("NVIDIA H100 80GB HBM3", 989.4),
-                       ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1),
+                       ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5), ("NVIDIA L40", 181.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1),
                        ("NVIDIA L4", 121.0), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d, n=name: n)
         assert bench_head.peak_tflops(cuda) == peak, name
