@@ -61,19 +61,23 @@ def _cached_file_digest(path: Path, full: bool, size: int, mtime_ns: int) -> str
     return _file_digest(path, full)
 
 
+def _digest(path: Path, full: bool) -> str:
+    """:func:`_file_digest`, cached by (resolved path, size, mtime)."""
+    st = path.stat()
+    return _cached_file_digest(path.resolve(), full, st.st_size, st.st_mtime_ns)
+
+
 def path_digest(path: str, full: bool = True) -> str:
     """Digest of a file, or of every file below a directory; the name itself when not local.
 
     A file's digest is cached by (path, size, mtime), so a study's many cells hash its data once."""
     p = Path(os.path.expanduser(path))
     if p.is_file():
-        st = p.stat()
-        return _cached_file_digest(p.resolve(), full, st.st_size, st.st_mtime_ns)
+        return _digest(p, full)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
-            st = f.stat()
-            h.update(f"{f.relative_to(p)}={_cached_file_digest(f.resolve(), full, st.st_size, st.st_mtime_ns)};".encode())
+            h.update(f"{f.relative_to(p)}={_digest(f, full)};".encode())
         return h.hexdigest()[:32]
     return f"name:{path}"
 
