@@ -45,6 +45,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_head, bench_trl
+
+from bench_head import sync  # noqa: E402
 
 from compo import stage1_unpaired as su  # noqa: E402
 from compo.config import load_config  # noqa: E402
@@ -142,15 +145,13 @@ class Timer:
         return run
 
     def after_step(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         self.marks.append(time.perf_counter())
         self.tokens.append(self._tok)
         self._tok = 0
 
     def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         self.marks.append(time.perf_counter())
 
 
@@ -237,7 +238,6 @@ def make_cfg(args, loss: str, batch: int, name: str, extra: list[str] = ()):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--vs-trl" in argv:  # compo's DPO against TRL's DPOTrainer: scripts/bench_trl.py
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_trl
 
         return bench_trl.main([a for a in argv if a != "--vs-trl"])

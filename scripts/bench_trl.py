@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_head, however this file is run or imported
+
+from bench_head import sync  # noqa: E402  (step marks wait for the GPU's queued work)
 
 
 def log(msg: str) -> None:
@@ -62,14 +65,6 @@ def select_pairs(data: str, model: str, n: int, max_length: int) -> list[dict]:
         if len(out) == n:
             return out
     raise SystemExit(f"{data}: only {len(out)} pairs fit --max-length {max_length}, {n} needed")
-
-
-def sync(device: str) -> None:
-    """Wait for the GPU's queued work, so a clock reading after a step covers it."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def step_timer(device: str = "cpu"):
