@@ -161,7 +161,7 @@ class ZOConfig(_Section):
     m: int = Field(1600, gt=0, description="Perturbations per step (paper: 1600 Mistral, 1800 Llama/Gemma).")
     radius: float = Field(5e-4, gt=0, description="Perturbation scale r (paper: 5e-4 Mistral, 7.5e-4 Llama/Gemma).")
     distribution: Literal["gaussian", "sphere"] = Field("gaussian", description="gaussian: z ~ N(0, r^2) per entry (code); sphere: r times a unit vector (paper Alg. 1).")
-    rng: Literal["torch", "philox"] = Field("torch", description="Random numbers of the perturbations: torch, torch's generator (mt19937 on CPUs, Philox on GPUs, so the two differ; the fastest draws on a GPU); philox, compo's Philox4x32-10 normals, the same bits on every device and drawn ~3x faster than torch's on a CPU (an m 1600 projected SmolLM2 step ~30% faster).")
+    rng: Literal["torch", "philox"] = Field("torch", description="Random numbers of the perturbations: torch, torch's generator's stream (mt19937 on CPUs, where compo's kernel draws its numbers, bit for bit, ~2.5x faster than torch; Philox on GPUs, so the two differ; the fastest draws on a GPU); philox, compo's Philox4x32-10 normals, the same bits on every device (drawn on a CPU as fast as torch's stream is by compo's kernel).")
     estimator: Literal["full", "projected"] = Field("full", description="full: z over all V x H entries; projected: z restricted to span of the scored hidden states (likelihood oracles only).")
     sparsity: Literal["absolute", "top_fraction"] = Field("absolute", description="Keep |g_j| >= lambda_g (paper), or the top rho fraction by magnitude.")
     lambda_g: float = Field(2.2e-4, ge=0, description="Absolute sparsity threshold (paper: 2.2e-4 Mistral, 8e-5 Llama/Gemma).")

@@ -15,7 +15,8 @@ All three are measured in one run, on one preference pair, on the same (untied) 
   scored hidden states) and one (T x k)(k x V) matmul, log-softmax and gather.
 * ``step_m{m}_projected_s`` / ``step_m{m}_full_s``: one whole step (m perturbations), wall or CPU
   seconds per ``--clock``; ``--m 1600`` gives the paper's step.
-* ``floor_s``: one ``torch.randn`` V x H fp32 draw plus one head matmul h z^T over the pair's
+* ``floor_s``: one V x H fp32 draw of the step's stream (``torch.randn``'s numbers, on a CPU from
+  compo's kernel for them, compo/zo/mt19937.py, where it matches) plus one head matmul h z^T over the pair's
   scored tokens, log-softmax over V and gather (``compo.zo.head.candidate_logps``, in the
   trainer's vocab tiles on the CPU), per perturbation; measured before and after the compo steps, the smaller is reported (on a
   shared machine the load drifts: ``loadavg_1m`` gives it at the start and the end).
@@ -27,7 +28,12 @@ Prints one JSON object on stdout (progress on stderr). Besides the three timings
 ``head_matmul_bf16_tflops``: a bf16 ``torch.bmm`` of one projected chunk's candidates
 (scripts/bench_head.py), and with ``peak_bf16_tflops`` (a known GPU's, or ``--peak-tflops``)
 ``head_matmul_fraction_of_peak``; ``projected_step_head_tflops`` / ``_fraction_of_peak``: the
-head FLOP/s the projected step's perturbation loop achieved (``projected_perturbations_per_s``).
+head FLOP/s the projected step's perturbation loop achieved (``projected_perturbations_per_s``),
+against the bf16 peak whatever ``projected_step_matmul_dtype`` (the step's ``--matmul-dtype``) is.
+The head matmul is memory-bound, so also ``head_matmul_bytes`` (the bf16 chunk product's inputs
+read and output written), ``head_matmul_gbs`` and, with ``peak_bandwidth_gbs`` (a known GPU's
+data-sheet figure, or ``--peak-gbs``), ``head_matmul_fraction_of_bandwidth``. On a GPU the
+product is timed with CUDA events over 200 repetitions (10 on the CPU's wall clock).
 ``--matmul-dtype bfloat16`` times the compo steps with ``zo.matmul_dtype`` bfloat16 (the floor
 stays float32) and adds ``vote_agreement_vs_float32``: the share of a projected step's m votes
 that are the same as with the float32 matmul. ``--rng philox`` draws the perturbations (compo's
@@ -56,8 +62,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from compo.zo import mt19937  # noqa: E402
 
-from bench_head import head_matmul_tflops, peak_tflops, step_tflops  # noqa: E402
+from bench_head import (fraction, head_flops, head_matmul_bytes, head_matmul_seconds, peak_gbs,  # noqa: E402
+                        peak_tflops, step_tflops, sync)
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
@@ -65,11 +73,6 @@ CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load(args, device):
@@ -202,8 +205,9 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
     """(seconds, scored tokens T, width) per perturbation of randn(V, width) + one head matmul
     (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
     width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
-    of their span, as one projected step computes it once). ``rng`` philox: the draw is
-    compo's Philox normals (``zo.rng``) instead of torch.randn."""
+    of their span, as one projected step computes it once). The draw is the fastest way to
+    the step's numbers: under ``rng`` torch on a CPU compo's copy of torch.randn's stream
+    (compo/zo/mt19937.py) where it matches here, else torch.randn; under philox, compo's Philox normals."""
     from compo.zo.philox import fill_normal, keys
     from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows, vocab_tile
 
@@ -218,9 +222,13 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
         scales = torch.full((1,), radius, device=device)
         tile = vocab_tile(device, hz.shape[0], v)  # the trainer's tile width (head.vocab_tile)
 
+        fast_torch = rng == "torch" and torch.device(device).type == "cpu" and mt19937.available()
+
         def one() -> None:
             if rng == "philox":
                 fill_normal(z[0], *keys(seed))
+            elif fast_torch:
+                mt19937.TorchCPUStream(seed).fill(z[0])
             else:
                 torch.randn((v, width), generator=gen, out=z[0])
             candidate_logps(base, hz, z, scales, inp, tile=tile)
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="zo.rng of the compo steps and the floors' draws")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak, TFLOP/s (default: bench_head's table for known GPUs)")
+    ap.add_argument("--peak-gbs", type=float, default=None,
+                    help="the device's memory bandwidth, GB/s (default: bench_head's table for known GPUs)")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the reference procedure")
     ap.add_argument("--skip-full", action="store_true", help="do not time the full estimator (an m=1600 full step "
                     "takes minutes on a CPU)")
@@ -326,10 +336,14 @@ def main(argv: list[str] | None = None) -> int:
                                                 device, projected=True, rng=args.rng)
         log(f"  floor_projected_s={floor_pb:.5f}")
         floor_p = min(floor_pa, floor_pb)
-        peak = peak_tflops(device, args.peak_tflops)
+        peak, peak_bw = peak_tflops(device, args.peak_tflops), peak_gbs(device, args.peak_gbs)
         log("head matmul throughput (bf16, one projected chunk) ...")
-        mm_tflops = head_matmul_tflops(device, rec_proj["chunk"], n_tok, width, v)
-        log(f"  head_matmul_bf16_tflops={mm_tflops:.3f}")
+        chunk = rec_proj["chunk"]
+        mm_s = head_matmul_seconds(device, chunk, n_tok, width, v)
+        mm_tflops = chunk * head_flops(n_tok, width, v) / mm_s / 1e12
+        mm_bytes = head_matmul_bytes(chunk, n_tok, width, v)
+        mm_gbs = mm_bytes / mm_s / 1e9
+        log(f"  head_matmul_bf16_tflops={mm_tflops:.3f} head_matmul_gbs={mm_gbs:.1f}")
         ref_s = None
         if not args.skip_reference:
             log(f"reference ({args.ref_reps} perturbations) ...")
@@ -365,12 +379,19 @@ def main(argv: list[str] | None = None) -> int:
         "projected_perturbations_per_s": rec_proj["perturbations_per_s"],
         "peak_bf16_tflops": peak,
         "head_matmul_bf16_tflops": mm_tflops,
-        "head_matmul_fraction_of_peak": None if not peak else mm_tflops / peak,
+        "head_matmul_fraction_of_peak": fraction(mm_tflops, peak),
+        "peak_bandwidth_gbs": peak_bw,
+        "head_matmul_s": mm_s,
+        "head_matmul_bytes": mm_bytes,
+        "head_matmul_gbs": mm_gbs,
+        "head_matmul_fraction_of_bandwidth": fraction(mm_gbs, peak_bw),
         "projected_step_head_tflops": step_tflops(rec_proj["perturbations_per_s"], n_tok, width, v),
-        "projected_step_fraction_of_peak": None if not peak else step_tflops(rec_proj["perturbations_per_s"], n_tok,
-                                                                             width, v) / peak,
+        "projected_step_fraction_of_peak": fraction(step_tflops(rec_proj["perturbations_per_s"], n_tok, width, v),
+                                                    peak),
+        "projected_step_matmul_dtype": args.matmul_dtype,
         "matmul_dtype": args.matmul_dtype,
         "rng": args.rng,
+        "torch_draw_kernel": args.rng == "torch" and device.type == "cpu" and mt19937.available(),
         "vote_agreement_vs_float32": agreement,
         "loadavg_1m": None if load0 is None else [round(load0, 2), round(os.getloadavg()[0], 2)],
     }

@@ -121,7 +121,7 @@ def _kernel():
             _KERNEL = fill
         except Exception as e:  # not installed, or no writable cache, or a numba/numpy mismatch
             warnings.warn(f"zo.rng=philox: the numba kernel is unavailable ({type(e).__name__}: {e}), so CPU draws "
-                          "use torch ops (the same numbers, ~75x slower); pip install 'compo[philox]'", stacklevel=3)
+                          "use torch ops (the same numbers, ~75x slower); pip install numba", stacklevel=3)
             _KERNEL = False
     return _KERNEL or None
 
