@@ -173,9 +173,14 @@ def _seed_split(donor: Path, target: Path) -> None:
 EVAL_KEYS = ("eval.bootstrap", "eval.level")
 
 
+def last_stage(cfg: RunConfig) -> str:
+    """The stage a cell's result comes from: stage 2 where it runs, else stage 1."""
+    return "stage2" if cfg.zo.enabled else "stage1"
+
+
 def cell_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """What a cell's result depends on: its run's stage fingerprints and the interval options."""
-    stages = ("split", "stage1", "stage2") if cfg.zo.enabled else ("split", "stage1")
+    stages = fingerprint.ORDER[: fingerprint.ORDER.index(last_stage(cfg)) + 1]
     fp = fingerprint.merged(fingerprint.current(cfg, s) for s in stages)
     flat = fingerprint.flatten(cfg.model_dump(mode="json"))
     return fp | {k: flat[k] for k in EVAL_KEYS}
@@ -232,9 +237,9 @@ class Runner:
         if not cfg.stage1.enabled:
             raise UserError(f"methods of {name}", "a study cell needs stage1.enabled (it compares trained models)")
         s1 = self._stage1_dir(cfg)
-        run_dir, stage = s1, "stage1"
-        if cfg.zo.enabled:
-            run_dir, stage = Path(cfg.run_dir), "stage2"
+        run_dir, stage = s1, last_stage(cfg)
+        if stage == "stage2":
+            run_dir = Path(cfg.run_dir)
             if not _finished(run_dir, "stage2"):
                 if not run_dir.exists():
                     _clone(s1, run_dir)
@@ -249,10 +254,9 @@ class Runner:
         """Refuse, before any work, a study directory whose cells ran with another config: a
         finished cell would otherwise be reported with results of settings it no longer has."""
         for name, cfg in self.cells.items():
-            path = self.cell_result(name)
+            path, stage = self.cell_result(name), last_stage(cfg)
             if path.exists():
                 saved = read_json(path)
-                stage = "stage2" if cfg.zo.enabled else "stage1"
                 if saved.get("stage") != stage:
                     raise UserError(str(path), f"cell {name} holds {saved.get('stage')} results but its config now "
                                     f"ends with {stage} (zo.enabled: {not cfg.zo.enabled} -> {cfg.zo.enabled}); "
@@ -266,7 +270,7 @@ class Runner:
                                         "the cell's file to redo it, or give a new --study-dir")
                     old, _ = _run_fingerprints(cfg, run_dir)
                     new = {k: v for k, v in new.items() if k not in EVAL_KEYS}
-            elif cfg.zo.enabled and Path(cfg.run_dir).exists():
+            elif stage == "stage2" and Path(cfg.run_dir).exists():
                 path = Path(cfg.run_dir) / "fingerprint.json"
                 old, new = _run_fingerprints(cfg, Path(cfg.run_dir))
             else:
