@@ -6,7 +6,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from compo.cli import build_parser, main
+from compo.cli import main
 from compo.config import RunConfig, reference_table
 from compo.rundir import read_jsonl
 

@@ -1,6 +1,5 @@
 """DPO stage 1 on the tiny toy model: learning, saving, reloading."""
 
-import json
 import math
 
 import torch

@@ -1,7 +1,6 @@
 """UDM: density-ratio weights, balanced logistic regression, JSON persistence, embedder."""
 
 import json
-import math
 
 import numpy as np
 import pytest
