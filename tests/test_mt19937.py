@@ -66,3 +66,18 @@ def test_fill_refuses_what_torch_draws_another_way():
         stream.fill(torch.empty(15))
     with pytest.raises(ValueError, match="float64"):
         stream.fill(torch.empty(32, dtype=torch.float64))
+
+
+def test_bench_draw_prints_the_three_timings(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_draw.py"
+    res = subprocess.run([sys.executable, str(script), "--rows", "64", "--width", "3", "--reps", "1", "--runs", "1"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    out = json.loads(res.stdout)
+    assert out["numbers"] == 192 and out["torch_draw_kernel"] == mt19937.available()
+    assert out["torch_randn_ms"] > 0 and out["philox_ms"] > 0
+    assert ("torch_kernel_ms" in out) == out["torch_draw_kernel"]
