@@ -41,13 +41,14 @@ def test_seeds_keep_their_low_32_bits_as_torch_does():
 
 @pytest.mark.skipif(not AVX2, reason="torch's CPU normal kernel here is not the AVX2 one")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_torch_rng_draws_use_the_kernel_and_equal_torchs(threads):
-    source = PerturbationSource(4, (300, 7), 0.1, threads=threads, rng="torch")
+@pytest.mark.parametrize("shape", [(300, 7), (4097, 17)])  # the second is drawn on the thread pool
+def test_torch_rng_draws_use_the_kernel_and_equal_torchs(threads, shape):
+    source = PerturbationSource(4, shape, 0.1, threads=threads, rng="torch")
     z = source.draw(2, range(3))
     assert isinstance(source.generator(2, 0), mt19937.TorchCPUStream)
     for i in range(3):
         gen = torch.Generator().manual_seed(perturbation_seed(4, 2, i))
-        assert torch.equal(_bits(z[i]), _bits(torch.randn((300, 7), generator=gen)))
+        assert torch.equal(_bits(z[i]), _bits(torch.randn(shape, generator=gen)))
 
 
 def test_small_draws_and_a_mismatching_torch_keep_torchs_generator(monkeypatch):
@@ -60,12 +61,37 @@ def test_small_draws_and_a_mismatching_torch_keep_torchs_generator(monkeypatch):
     assert torch.equal(source.draw(0, [1])[0], torch.randn((300, 7), generator=gen))
 
 
+def test_a_kernel_that_fails_or_differs_is_not_used_and_says_why(monkeypatch):
+    from compo.zo import mt_kernel
+
+    def broken(out, st, pos):
+        raise RuntimeError("no locator available for the cache")
+
+    monkeypatch.setattr(mt_kernel, "fill", broken)
+    monkeypatch.setattr(mt19937, "_OK", None)
+    with pytest.warns(UserWarning, match="no locator available"):
+        assert not mt19937.available()
+    monkeypatch.setattr(mt_kernel, "fill", lambda out, st, pos: out.fill(0.5))
+    monkeypatch.setattr(mt19937, "_OK", None)
+    assert not mt19937.available()  # runs, but not torch's numbers: torch draws, silently (same numbers)
+    monkeypatch.setattr(mt19937, "_OK", None)
+    torch.set_default_dtype(torch.float64)  # the check draws float32 on the CPU whatever the defaults
+    try:
+        monkeypatch.undo()
+        monkeypatch.setattr(mt19937, "_OK", None)
+        assert mt19937.available() == AVX2
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def test_fill_refuses_what_torch_draws_another_way():
     stream = mt19937.TorchCPUStream(1)
     with pytest.raises(ValueError, match="16 numbers or more"):
         stream.fill(torch.empty(15))
     with pytest.raises(ValueError, match="float64"):
         stream.fill(torch.empty(32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="16 numbers or more"):
+        stream.fill(torch.empty(32, 2).t())  # not contiguous
 
 
 def test_bench_draw_prints_the_three_timings(tmp_path):

@@ -111,12 +111,12 @@ class PerturbationSource:
             return mt19937.TorchCPUStream(seed)
         return self._own_generator().manual_seed(seed)
 
-    def generator(self, step: int, index: int) -> torch.Generator | PhiloxStream:
+    def generator(self, step: int, index: int) -> torch.Generator | PhiloxStream | mt19937.TorchCPUStream:
         """The stream of perturbation ``index`` of ``step``, at its start (see :meth:`fill`)."""
         return self._stream(perturbation_seed(self.run_seed, step, index))
 
     @staticmethod
-    def fill(gen: torch.Generator | PhiloxStream, rows: torch.Tensor) -> None:
+    def fill(gen: torch.Generator | PhiloxStream | mt19937.TorchCPUStream, rows: torch.Tensor) -> None:
         """The next ``rows.numel()`` numbers of ``gen``'s stream into ``rows`` (contiguous)."""
         if isinstance(gen, (PhiloxStream, mt19937.TorchCPUStream)):
             gen.fill(rows)
