@@ -4,9 +4,8 @@ device's dense bf16 peak and its memory bandwidth.
 A projected perturbation's head work is one (T x k)(k x V) product, a full one (T x H)(H x V);
 2 T k V floating-point operations. :func:`head_matmul_seconds` times those products batched as a
 chunk of ``c`` candidates (``torch.bmm``, the GPU path of ``compo.zo.head.candidate_logps``) in
-a given dtype; :func:`head_matmul_tflops` gives the FLOP/s. :func:`step_tflops` turns a step's
-perturbations per second into the head FLOP/s it achieved, so a step can be set against the peak
-too. :func:`peak_tflops` is the vendor's dense (no sparsity) bf16 tensor-core peak for the GPUs
+a given dtype; :func:`head_tflops` turns candidates per second (a timed chunk's, or a step's
+perturbation rate) into the head FLOP/s achieved, so both can be set against the peak. :func:`peak_tflops` is the vendor's dense (no sparsity) bf16 tensor-core peak for the GPUs
 below, or ``--peak-tflops``.
 
 The product does ~T FLOPs per byte of z it reads (2 T k V FLOPs, 2 k V bytes in bf16); with T ~ 100
@@ -81,9 +80,9 @@ def head_matmul_bytes(c: int, n_tokens: int, width: int, v: int, itemsize: int =
     return c * (n_tokens * width + v * width + n_tokens * v) * itemsize
 
 
-def step_tflops(perturbations_per_s: float, n_tokens: int, width: int, v: int) -> float:
-    """Head TFLOP/s a step achieved: its perturbation rate times one candidate's product."""
-    return perturbations_per_s * head_flops(n_tokens, width, v) / 1e12
+def head_tflops(candidates_per_s: float, n_tokens: int, width: int, v: int) -> float:
+    """Head TFLOP/s at ``candidates_per_s`` (T x width)(width x V) products a second."""
+    return candidates_per_s * head_flops(n_tokens, width, v) / 1e12
 
 
 def fraction(achieved: float, peak: float | None) -> float | None:
@@ -120,9 +119,3 @@ def head_matmul_seconds(device: torch.device, c: int, n_tokens: int, width: int,
         torch.bmm(hs, zt, out=out)
     return (time.perf_counter() - t0) / reps
 
-
-def head_matmul_tflops(device: torch.device, c: int, n_tokens: int, width: int, v: int,
-                       dtype: torch.dtype = torch.bfloat16, reps: int | None = None) -> float:
-    """TFLOP/s of :func:`head_matmul_seconds`'s product."""
-    seconds = head_matmul_seconds(device, c, n_tokens, width, v, dtype, reps)
-    return c * head_flops(n_tokens, width, v) / seconds / 1e12

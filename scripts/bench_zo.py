@@ -62,10 +62,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from compo.zo import mt19937  # noqa: E402
+from compo.zo.perturb import PerturbationSource  # noqa: E402
 
-from bench_head import (fraction, head_flops, head_matmul_bytes, head_matmul_seconds, peak_gbs,  # noqa: E402
-                        peak_tflops, step_tflops, sync)
+from bench_head import (fraction, head_matmul_bytes, head_matmul_seconds, head_tflops, peak_gbs,  # noqa: E402
+                        peak_tflops, sync)
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
@@ -205,10 +205,9 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
     """(seconds, scored tokens T, width) per perturbation of randn(V, width) + one head matmul
     (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
     width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
-    of their span, as one projected step computes it once). The draw is the fastest way to
-    the step's numbers: under ``rng`` torch on a CPU compo's copy of torch.randn's stream
-    (compo/zo/mt19937.py) where it matches here, else torch.randn; under philox, compo's Philox normals."""
-    from compo.zo.philox import fill_normal, keys
+    of their span, as one projected step computes it once). The draw is the step's own
+    (``PerturbationSource.draw`` for ``rng``): on a CPU under torch, compo's kernel for
+    torch.randn's numbers where it matches here (compo/zo/mt19937.py)."""
     from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows, vocab_tile
 
     with torch.no_grad():
@@ -217,20 +216,13 @@ def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: 
         base = shift_rows(base_logits(w, inp))
         hz = inp.h @ projection_basis(inp.h) if projected else inp.h
         v, width = w.shape[0], hz.shape[1]
-        gen = torch.Generator(device=device).manual_seed(seed)
+        source = PerturbationSource(seed, (v, width), radius, device=device, rng=rng)
         z = torch.empty((1, v, width), dtype=torch.float32, device=device)
         scales = torch.full((1,), radius, device=device)
         tile = vocab_tile(device, hz.shape[0], v)  # the trainer's tile width (head.vocab_tile)
 
-        fast_torch = rng == "torch" and torch.device(device).type == "cpu" and mt19937.available()
-
         def one() -> None:
-            if rng == "philox":
-                fill_normal(z[0], *keys(seed))
-            elif fast_torch:
-                mt19937.TorchCPUStream(seed).fill(z[0])
-            else:
-                torch.randn((v, width), generator=gen, out=z[0])
+            source.draw(0, [0], out=z)
             candidate_logps(base, hz, z, scales, inp, tile=tile)
             sync(device)
 
@@ -340,10 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         log("head matmul throughput (bf16, one projected chunk) ...")
         chunk = rec_proj["chunk"]
         mm_s = head_matmul_seconds(device, chunk, n_tok, width, v)
-        mm_tflops = chunk * head_flops(n_tok, width, v) / mm_s / 1e12
+        mm_tflops = head_tflops(chunk / mm_s, n_tok, width, v)
         mm_bytes = head_matmul_bytes(chunk, n_tok, width, v)
         mm_gbs = mm_bytes / mm_s / 1e9
         log(f"  head_matmul_bf16_tflops={mm_tflops:.3f} head_matmul_gbs={mm_gbs:.1f}")
+        step_tf = head_tflops(rec_proj["perturbations_per_s"], n_tok, width, v)  # the projected step's head work
         ref_s = None
         if not args.skip_reference:
             log(f"reference ({args.ref_reps} perturbations) ...")
@@ -385,13 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         "head_matmul_bytes": mm_bytes,
         "head_matmul_gbs": mm_gbs,
         "head_matmul_fraction_of_bandwidth": fraction(mm_gbs, peak_bw),
-        "projected_step_head_tflops": step_tflops(rec_proj["perturbations_per_s"], n_tok, width, v),
-        "projected_step_fraction_of_peak": fraction(step_tflops(rec_proj["perturbations_per_s"], n_tok, width, v),
-                                                    peak),
+        "projected_step_head_tflops": step_tf,
+        "projected_step_fraction_of_peak": fraction(step_tf, peak),
         "projected_step_matmul_dtype": args.matmul_dtype,
         "matmul_dtype": args.matmul_dtype,
         "rng": args.rng,
-        "torch_draw_kernel": args.rng == "torch" and device.type == "cpu" and mt19937.available(),
+        "torch_draw_kernel": PerturbationSource(args.seed, (v, width), args.radius, device=device,
+                                                rng=args.rng).torch_kernel,
         "vote_agreement_vs_float32": agreement,
         "loadavg_1m": None if load0 is None else [round(load0, 2), round(os.getloadavg()[0], 2)],
     }

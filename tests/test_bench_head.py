@@ -14,8 +14,8 @@ import bench_head  # noqa: E402
 
 def test_head_flops_and_step_rate():
     assert bench_head.head_flops(91, 90, 49152) == 805_109_760  # 2 T k V for SmolLM2's projected pair
-    assert math.isclose(bench_head.step_tflops(1000.0, 91, 90, 49152), 0.80510976, rel_tol=1e-12)
-    assert math.isclose(bench_head.step_tflops(2500.0, 91, 1, 49152), 0.02236416, rel_tol=1e-12)  # 2500*8945664
+    assert math.isclose(bench_head.head_tflops(1000.0, 91, 90, 49152), 0.80510976, rel_tol=1e-12)
+    assert math.isclose(bench_head.head_tflops(2500.0, 91, 1, 49152), 0.02236416, rel_tol=1e-12)  # 2500*8945664
 
 
 def test_head_matmul_bytes_and_fractions():

@@ -90,9 +90,9 @@ class PerturbationSource:
             raise ValueError("zo.rng=philox needs float64 (its torch ops round sqrt through it), which mps lacks; "
                              "use zo.rng=torch")
         self._gen = torch.Generator(device=self.device)
-        # CPU torch-stream draws through compo's kernel (the same numbers, ~2x faster; compo/zo/mt19937.py),
+        # CPU torch-stream draws through compo's kernel (the same numbers, ~2.5x faster; compo/zo/mt19937.py),
         # for draws of 16 numbers or more (torch draws fewer another way), where it matches torch here
-        self._fast = rng == "torch" and self.device.type == "cpu" and math.prod(shape) >= 16 and mt19937.available()
+        self.torch_kernel = rng == "torch" and self.device.type == "cpu" and math.prod(shape) >= 16 and mt19937.available()
         # torch's CPU randn runs on one core, so CPU draws are shared out over threads, one
         # generator each; every draw is seeded by its own index: the result is thread-count free
         n = threads if threads is not None else torch.get_num_threads()
@@ -107,7 +107,7 @@ class PerturbationSource:
         (compo's kernel's copy of it on a CPU where that matches, else this thread's generator)."""
         if self.rng == "philox":
             return PhiloxStream(seed)
-        if self._fast:
+        if self.torch_kernel:
             return mt19937.TorchCPUStream(seed)
         return self._own_generator().manual_seed(seed)
 
