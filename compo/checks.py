@@ -30,11 +30,6 @@ def check_step(path: Path, step, lo: int, hi: int | None, what: str) -> int:
     return step
 
 
-def zo_total_steps(cfg, n_pairs: int) -> int:
-    """Stage 2's step count for ``n_pairs`` noisy pairs (zo.max_steps, or epochs over the pairs)."""
-    return cfg.max_steps or cfg.epochs * max(1, math.ceil(n_pairs / cfg.pairs_per_step))
-
-
 def read_split(path: Path, n_pairs: int) -> list[dict]:
     """split.jsonl rows, checked: the required keys, finite numbers, one row per pair."""
     rows = read_jsonl(path, required=SPLIT_KEYS)
@@ -100,6 +95,8 @@ def _check_zo_state(ws) -> None:
     state = read_json(state_path, required=ZO_STATE_KEYS)
     total = None
     if ws.saved_split is not None and ws.cfg.zo.noisy_rule == "paper":
+        from compo.zo.trainer import zo_total_steps
+
         total = zo_total_steps(ws.cfg.zo, sum(r["noisy"] for r in ws.saved_split))
     check_step(state_path, state["step"], 0, total, "stage-2")
     if not isinstance(state["totals"], dict) or any(k not in state["totals"] for k in ZO_TOTAL_KEYS):

@@ -163,6 +163,8 @@ class ZOConfig(_Section):
     distribution: Literal["gaussian", "sphere"] = Field("gaussian", description="gaussian: z ~ N(0, r^2) per entry (code); sphere: r times a unit vector (paper Alg. 1).")
     rng: Literal["torch", "philox"] = Field("torch", description="Random numbers of the perturbations: torch, torch's generator's stream (mt19937 on CPUs, where compo's kernel draws its numbers, bit for bit, ~2.5x faster than torch; Philox on GPUs, so the two differ; the fastest draws on a GPU); philox, compo's Philox4x32-10 normals, the same bits on every device (drawn on a CPU as fast as torch's stream is by compo's kernel).")
     estimator: Literal["full", "projected"] = Field("full", description="full: z over all V x H entries; projected: z restricted to span of the scored hidden states (likelihood oracles only).")
+    support: Literal["all", "pair", "topk"] = Field("all", description="Vocabulary rows the perturbations touch: all (the paper); pair, the step's target tokens; topk, those plus the current head's top support_k tokens at every scored position (likelihood oracles only; docs/zo_support.md).")
+    support_k: int = Field(8, ge=0, description="Top tokens per scored position added to the support by zo.support=topk.")
     sparsity: Literal["absolute", "top_fraction"] = Field("absolute", description="Keep |g_j| >= lambda_g (paper), or the top rho fraction by magnitude.")
     lambda_g: float = Field(2.2e-4, ge=0, description="Absolute sparsity threshold (paper: 2.2e-4 Mistral, 8e-5 Llama/Gemma).")
     rho: float = Field(0.01, gt=0, le=1, description="Fraction of entries kept by the top_fraction rule.")

@@ -34,6 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "compo_full": {"stage1.loss": "dpo", "stage1.train_on": "clean", "zo.enabled": True, "zo.estimator": "full"},
     "compo_projected": {"stage1.loss": "dpo", "stage1.train_on": "clean", "zo.enabled": True,
                         "zo.estimator": "projected", "zo.sparsity": "top_fraction"},
+    "compo_topk": {"stage1.loss": "dpo", "stage1.train_on": "clean", "zo.enabled": True, "zo.estimator": "projected",
+                   "zo.sparsity": "top_fraction", "zo.support": "topk"},
     "bco_clean": {"stage1.loss": "bco", "stage1.train_on": "clean", "zo.enabled": False},
     "kto_clean": {"stage1.loss": "kto", "stage1.train_on": "clean", "zo.enabled": False},
 }
@@ -52,7 +54,7 @@ class StudyConfig(BaseModel):
     noise_bias: Literal["uniform", "low_margin"] = Field("uniform", description="data.noise.bias of every cell.")
     methods: dict[str, dict[str, Any]] = Field(..., min_length=1, description="name -> overrides; a preset name "
                                                "(dpo_all, dpo_clean, cdpo, rdpo, compo_full, compo_projected, "
-                                               "bco_clean, kto_clean) starts from that preset.")
+                                               "compo_topk, bco_clean, kto_clean) starts from that preset.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Config overrides applied to every cell.")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS), description="Metrics in study.md and the plots.")
 

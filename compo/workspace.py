@@ -168,6 +168,9 @@ def build_oracles(cfg: RunConfig) -> tuple:
             raise UserError(key, f"cannot build oracle '{spec.name}': {e}") from None
     try:
         check_estimator(cfg.zo, built[0])
+    except UserError:
+        built[0].close()
+        raise
     except ValueError as e:
         built[0].close()
         raise UserError("zo.estimator", str(e)) from None

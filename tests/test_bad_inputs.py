@@ -288,6 +288,10 @@ ORACLE_CASES = [
          ("zo.accept_oracle", "nosuch")),
     Case("orc-projected-with-generation", sets(GEN_KEYED + ["zo.estimator=projected"]), None, "zo.estimator",
          env=WITH_KEY),
+    Case("orc-support-with-generation", sets(GEN_KEYED + ["zo.support=topk"]), None, ("zo.support", "judges"),
+         env=WITH_KEY),
+    Case("cfg-bad-support", sets(["zo.support=rows"]), None, "zo.support"),
+    Case("cfg-negative-support-k", sets(["zo.support_k=-1"]), None, "zo.support_k"),
 ]
 
 MODEL_CASES = [

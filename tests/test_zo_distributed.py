@@ -2,8 +2,8 @@
 bit-identical whether one process or two ran the perturbations (DESIGN.md §4)."""
 
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,13 +11,7 @@ import torch.multiprocessing as mp
 from compo.config import ZOConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, rdzv: str, model_dir: str, out: str, support: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compo import toy
@@ -28,14 +22,15 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     from oracles import LikelihoodOracle
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         tok = AutoTokenizer.from_pretrained(model_dir)
         rows = toy.toy_dataset(ToyDataConfig(n_train=8, n_eval=1), seed=0)[0]
         items = encode_rows(rows, tok, 32, 16).items
         cfg = ZOConfig(m=40, chunk_size=6, radius=5e-3, sparsity="top_fraction", rho=0.05, skip_threshold=0.05,
-                       gamma=0.5, max_steps=3, checkpoint_every=0, acceptance_check=True)
+                       gamma=0.5, max_steps=3, checkpoint_every=0, acceptance_check=True, support=support,
+                       support_k=4)
         tr = ZOTrainer(model, cfg, 5, LikelihoodOracle(), pad_id=0)
         totals = tr.train(items, rows, RunDir(os.path.join(out, f"run{world}")), progress=False)
         if rank == 0:
@@ -44,12 +39,13 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_one_and_two_processes_give_the_same_head(tmp_path, toy_reference):
+@pytest.mark.parametrize("support", ["all", "topk"])
+def test_one_and_two_processes_give_the_same_head(tmp_path, toy_reference, support):
     model, tok = toy_reference
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     for world in (1, 2):
-        mp.spawn(_worker, args=(world, _free_port(), str(tmp_path / "model"), str(tmp_path)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, str(tmp_path / f"rdzv{world}"), str(tmp_path / "model"), str(tmp_path), support), nprocs=world, join=True)
     one, two = torch.load(tmp_path / "head1.pt"), torch.load(tmp_path / "head2.pt")
     assert one["taken"] > 0 and one["taken"] == two["taken"]
     assert one["w"].numpy().tobytes() == two["w"].numpy().tobytes()

@@ -148,7 +148,8 @@ def test_trainer_steps_are_the_same_fused_or_drawn_then_evaluated(toy_reference,
 
     from compo.config import ZOConfig
     from compo.encode import encode_rows
-    from compo.zo import trainer as zt
+    from compo.zo import step as zt
+    from compo.zo.trainer import ZOTrainer
     from oracles import LikelihoodOracle
 
     model, tok = toy_reference
@@ -165,7 +166,7 @@ def test_trainer_steps_are_the_same_fused_or_drawn_then_evaluated(toy_reference,
         torch.set_num_threads(threads)
         try:
             cfg = ZOConfig(estimator="projected", m=48, chunk_size=8, radius=0.02, checkpoint_every=0, rng=rng)
-            trainer = zt.ZOTrainer(copy.deepcopy(model), cfg, 0, LikelihoodOracle(), 0)
+            trainer = ZOTrainer(copy.deepcopy(model), cfg, 0, LikelihoodOracle(), 0)
             rec = trainer.step(0, enc.items[:2], toy_pairs[0][:2])
         finally:
             torch.set_num_threads(n)

@@ -41,11 +41,13 @@ def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def fused_logps(source: PerturbationSource, step: int, indices: list[int], z: torch.Tensor, base: torch.Tensor,
                 hz: torch.Tensor, inp: HeadInputs, tile: int,
-                matmul_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                matmul_dtype: torch.dtype = torch.float32,
+                lse_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """((c, n_seq) log-probs of candidates W + s_i z_i, (c,) scales s) for perturbations
     ``indices`` of ``step``, with ``z`` (>= c, V, width) filled as ``source.draw`` fills it.
 
-    ``base``: the shifted base logits (T, V) (:func:`shift_rows`); ``hz``: h in z's basis.
+    ``base``: the shifted base logits (T, V) (:func:`shift_rows`); ``hz``: h in z's basis;
+    ``lse_out``: a support's outside log-sum-exp (:func:`tiled_logps`).
     A gaussian source draws each block just before it is used; a sphere needs ||z_i|| before
     its first block, so its z is drawn whole first (the candidates still go one per thread).
     """
@@ -62,7 +64,8 @@ def fused_logps(source: PerturbationSource, step: int, indices: list[int], z: to
     def one(j: int) -> None:
         gen = source.generator(step, indices[j]) if interleave else None
         fill = None if gen is None else (lambda i, a, b: source.fill(gen, z[j, a:b]))
-        lp[j] = tiled_logps(base, (hz * scales[j])[None], z[j : j + 1], inp, tile, matmul_dtype, _scratch, fill)[0]
+        lp[j] = tiled_logps(base, (hz * scales[j])[None], z[j : j + 1], inp, tile, matmul_dtype, _scratch, fill,
+                            lse_out)[0]
 
     # fewer candidates than threads (a large head's small chunk): the spare threads go to each worker's ops
     in_workers(workers, lambda w: [one(j) for j in range(w, c, workers)], max(1, source.threads // workers))

@@ -163,11 +163,13 @@ def require_plain_head(inp: HeadInputs, head: torch.nn.Module, floor: float = 2e
             "scaling?), which stage 2 does not support")
 
 
-def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False) -> torch.Tensor:
+def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False,
+                 lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence summed log-probs from logits (..., T, V).
 
     ``inplace`` computes the log-sum-exp in the logits' own storage (they are overwritten), so
-    no second tensor of their size is allocated.
+    no second tensor of their size is allocated. ``lse_out`` (T,): the logits are a support's
+    columns and this is the log-sum-exp of the rest, combined stably (compo/zo/support.py).
     """
     tgt = inp.targets.expand(*logits.shape[:-1])
     picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
@@ -176,7 +178,13 @@ def logits_logps(logits: torch.Tensor, inp: HeadInputs, inplace: bool = False) -
         lse = logits.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
     else:
         lse = torch.logsumexp(logits, dim=-1)
-    return inp.sums(picked - lse)
+    return inp.sums(picked - _with_outside(lse, lse_out))
+
+
+def _with_outside(lse: torch.Tensor, lse_out: torch.Tensor | None) -> torch.Tensor:
+    """log(exp(lse) + exp(lse_out)) by logaddexp (a max and a log1p: nothing nearly equal is
+    subtracted); ``lse_out`` None or -inf leaves ``lse``."""
+    return lse if lse_out is None else torch.logaddexp(lse, lse_out)
 
 
 def base_logits(w: torch.Tensor, inp: HeadInputs) -> torch.Tensor:
@@ -213,7 +221,7 @@ def vocab_tile(device: torch.device | str, n_tok: int, v: int) -> int:
 
 def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales: torch.Tensor,
                     inp: HeadInputs, out: torch.Tensor | None = None, matmul_dtype: torch.dtype = torch.float32,
-                    scratch=None, tile: int = 0) -> torch.Tensor:
+                    scratch=None, tile: int = 0, lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """(c, n_seq) log-probs of candidates W + s_i z_i given base logits (T, V).
 
     ``h`` is the hidden states in the basis ``z`` lives in: the full h (T x H) with z of shape
@@ -225,11 +233,12 @@ def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales
     reusable buffer of at least c*T*V floats (overwritten; the log-sum-exp is done in place, so no
     other (c, T, V) fp32 tensor is allocated). ``matmul_dtype`` (``zo.matmul_dtype``): bfloat16 /
     float16 round z and h for the matmul, whose product is added to the fp32 base;
-    ``scratch(name, numel, dtype)`` gives reusable buffers for that.
+    ``scratch(name, numel, dtype)`` gives reusable buffers for that. ``lse_out`` (T,): ``base``
+    and ``z`` cover a vocabulary support and this is the base log-sum-exp outside it.
     """
     hs = h.unsqueeze(0) * scales.view(-1, 1, 1)  # (c, T, width)
     if tile:
-        return tiled_logps(base, hs, z, inp, tile, matmul_dtype, scratch)
+        return tiled_logps(base, hs, z, inp, tile, matmul_dtype, scratch, lse_out=lse_out)
     c, n_tok, v = z.shape[0], h.shape[0], z.shape[1]
     logits = (out.view(-1)[: c * n_tok * v].view(c, n_tok, v) if out is not None
               else torch.empty((c, n_tok, v), dtype=torch.float32, device=z.device))
@@ -243,14 +252,15 @@ def candidate_logps(base: torch.Tensor, h: torch.Tensor, z: torch.Tensor, scales
         low = torch.matmul(hs.to(matmul_dtype), zl.transpose(1, 2), out=low)
         return logits.copy_(low).add_(base)  # two passes: a mixed-dtype add is several times slower
 
-    lp = shifted_logps(fill(), inp)
+    lp = shifted_logps(fill(), inp, lse_out)
     if lp is None:  # exp() overflowed or every term underflowed: the max-shifted log-sum-exp
-        lp = logits_logps(fill(), inp, inplace=True)
+        lp = logits_logps(fill(), inp, inplace=True, lse_out=lse_out)
     return lp
 
 
 def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | None, inp: HeadInputs, tile: int,
-                matmul_dtype: torch.dtype = torch.float32, scratch=None, fill=None) -> torch.Tensor:
+                matmul_dtype: torch.dtype = torch.float32, scratch=None, fill=None,
+                lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """(c, n_seq) log-probs of logits ``base + hs_i z_i^T``, one candidate and ``tile`` vocab
     columns at a time (``hs`` None: the base alone, c = 1, with the same arithmetic).
 
@@ -260,7 +270,7 @@ def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | N
     finite is redone, alone, with a per-tile max (combined exactly: ``M + log sum_j s_j
     exp(m_j - M)``), so its numbers do not depend on the chunk it came in. ``fill(i, a, b)``,
     when given, writes rows a..b of z_i just before their tile is first used (z drawn block by
-    block while in cache: compo/zo/fused.py).
+    block while in cache: compo/zo/fused.py). ``lse_out``: as in :func:`candidate_logps`.
     """
     n_tok, v = base.shape
     low = None if matmul_dtype == torch.float32 else matmul_dtype
@@ -277,7 +287,7 @@ def tiled_logps(base: torch.Tensor, hs: torch.Tensor | None, z: torch.Tensor | N
         if low is not None:
             zt = zt.to(low)
         picked = picked + (hs.float() * zt.float()).sum(-1).to(hs.dtype).float()
-    return inp.sums(picked - lse)
+    return inp.sums(picked - _with_outside(lse, lse_out))
 
 
 def _tiled_lse(base, hs, z, tile: int, low, scratch, shift: bool, fill=None) -> torch.Tensor:
@@ -334,21 +344,23 @@ def _tile_logits(t: torch.Tensor, base: torch.Tensor, hs: torch.Tensor, rows: to
     return t.copy_(torch.mm(hs, zl.T, out=buf_low[:, :n])).add_(base[:, a : a + n])
 
 
-def base_logps(base: torch.Tensor, inp: HeadInputs, tile: int = 0) -> torch.Tensor | None:
+def base_logps(base: torch.Tensor, inp: HeadInputs, tile: int = 0,
+               lse_out: torch.Tensor | None = None) -> torch.Tensor | None:
     """(n_seq,) log-probs of the (shifted) base logits with the candidates' arithmetic at offset
     0, so a candidate whose offset is 0 ties with the base; None when not finite."""
-    lp = shifted_logps(base.clone(), inp) if not tile else tiled_logps(base, None, None, inp, tile)[0]
+    lp = (shifted_logps(base.clone(), inp, lse_out) if not tile
+          else tiled_logps(base, None, None, inp, tile, lse_out=lse_out)[0])
     return lp if lp is not None and torch.isfinite(lp).all() else None
 
 
-def shifted_logps(logits: torch.Tensor, inp: HeadInputs) -> torch.Tensor | None:
+def shifted_logps(logits: torch.Tensor, inp: HeadInputs, lse_out: torch.Tensor | None = None) -> torch.Tensor | None:
     """:func:`logits_logps` in place without the max shift (logits near or below 0 by
-    construction); None when a log-sum-exp is not finite."""
+    construction); None when a log-sum-exp (over ``logits``' own columns) is not finite."""
     picked = logits.gather(-1, inp.targets.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     lse = logits.exp_().sum(dim=-1).log_()
     if not torch.isfinite(lse).all():
         return None
-    return inp.sums(picked - lse)
+    return inp.sums(picked - _with_outside(lse, lse_out))
 
 
 def projection_basis(h: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:

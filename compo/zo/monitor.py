@@ -6,13 +6,16 @@
   regime, or an oracle that never prefers the candidate).
 * ``wrong_sign``: taken steps lower the trained pairs' margin on average (the radius is too
   large for the local linear picture the estimator relies on).
-* ``low_signal``: the pooled signal cosine over a window of steps is near 0: the updates are
-  mostly noise.
+* ``low_signal``: the signal cosine over a window of steps is near 0: the updates are mostly
+  noise (the mean first-order cosine for the likelihood rule, else the pooled moment estimate).
+* ``support_energy``: less than 90% of the expected direction lies in the step's vocabulary
+  support (zo.support): the support drops signal; use a larger zo.support_k or zo.support=all.
 """
 
 from __future__ import annotations
 
 from compo.zo.estimator import signal_cosine
+from compo.zo.support import LOW_ENERGY
 
 FIRST_STEPS = 5  # aggregation: warn when the first this-many steps are all skipped
 COLLAPSE_STEPS, COLLAPSE_RATE = 10, 0.01
@@ -40,7 +43,9 @@ def observe(state: dict, rec: dict, pairs_per_step: int, aggregation: str | None
         state["own_margin"] += sum((p["logp_chosen_after"] - p["logp_chosen_before"])
                                    - (p["logp_rejected_after"] - p["logp_rejected_before"]) for p in rec["pairs"])
     if "u_sq_norm" in rec:
-        state["window"] = (state["window"] + [[rec["u_sq_norm"], rec["signal_mu2"], rec.get("n_votes", 0)]])[-SIGNAL_WINDOW:]
+        first = rec["signal_cos"] if rec.get("signal_cos_source") == "first_order" else None
+        state["window"] = (state["window"] + [[rec["u_sq_norm"], rec["signal_mu2"], rec.get("n_votes", 0),
+                                               first]])[-SIGNAL_WINDOW:]
 
     def fire(key: str, msg: str) -> None:
         if key not in state["fired"]:
@@ -60,8 +65,18 @@ def observe(state: dict, rec: dict, pairs_per_step: int, aggregation: str | None
         fire("wrong_sign", f"after {state['taken']} taken steps the trained pairs' margin fell on average "
              f"({state['own_margin'] / state['taken']:+.4f} per step): the steps go the wrong way, which happens "
              "outside the linear regime: lower zo.radius (and zo.gamma)")
+    if rec.get("support_energy", 1.0) < LOW_ENERGY:
+        fire("support_energy", f"only {100 * rec['support_energy']:.1f}% of the expected direction lies in the "
+             f"step's {rec['support_size']} support rows (< {100 * LOW_ENERGY:.0f}%): the support drops signal; "
+             "raise zo.support_k or use zo.support=topk / all")
     win = state["window"]
-    if len(win) == SIGNAL_WINDOW and all(w[2] >= 2 for w in win):
+    if len(win) == SIGNAL_WINDOW and all(len(w) > 3 and w[3] is not None for w in win):
+        cos = sum(w[3] for w in win) / len(win)
+        if cos < SIGNAL_MIN:
+            fire("low_signal", f"the mean first-order signal cosine over the last {SIGNAL_WINDOW} steps is {cos:.3f} "
+                 f"(< {SIGNAL_MIN}): the updates are almost pure noise; raise zo.m, use zo.support=topk, "
+                 "or more pairs per step")
+    elif len(win) == SIGNAL_WINDOW and all(w[2] >= 2 for w in win):
         usq = sum(w[0] for w in win) / len(win)
         mu2 = sum(w[1] for w in win) / len(win)
         votes = sum(w[2] for w in win) / len(win)

@@ -42,8 +42,10 @@ def _noisy_shifts(before, after, prefix: str = "noisy") -> dict:
 
 
 def step_diagnostics(run) -> dict:
-    """Means over the logged stage-2 steps: the estimated signal cosine of u (near 0: the update
-    is noise), the share of votes agreeing with the rest (1/2 without signal; when counted), the
+    """Means over the logged stage-2 steps: the signal cosine of u (near 0: the update is noise;
+    first-order for the likelihood rule, with the moment estimate beside it), the vocabulary
+    support's size and first-order energy, the share of votes agreeing with the rest (1/2
+    without signal; when counted), the
     share of the direction's energy the sparsity rule kept (taken steps)."""
     from compo.rundir import read_jsonl
 
@@ -52,6 +54,13 @@ def step_diagnostics(run) -> dict:
     out = {}
     if recs and all("signal_cos" in r for r in recs):
         out["mean_signal_cos"] = sum(r["signal_cos"] for r in recs) / len(recs)
+    if recs and all("signal_cos_moment" in r for r in recs):
+        out["mean_signal_cos_moment"] = sum(r["signal_cos_moment"] for r in recs) / len(recs)
+    if recs and all("support_size" in r for r in recs):
+        out["mean_support_size"] = sum(r["support_size"] for r in recs) / len(recs)
+    if recs and all("support_energy" in r for r in recs):
+        out["mean_support_energy"] = sum(r["support_energy"] for r in recs) / len(recs)
+        out["min_support_energy"] = min(r["support_energy"] for r in recs)
     if recs and all("agree_rate" in r for r in recs):
         out["mean_agree_rate"] = sum(r["agree_rate"] for r in recs) / len(recs)
     if taken and all("energy_kept" in r for r in taken):
@@ -98,7 +107,8 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     oracle, accept = ws.oracles if ws.oracles is not None else build_oracles(cfg)
     ws.oracles = None  # closed below
     say(f"stage2: ComPO on {len(idx)} noisy pairs (rule={cfg.zo.noisy_rule}), m={cfg.zo.m}, "
-        f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}")
+        f"r={cfg.zo.radius}, oracle={cfg.zo.oracle.name}, estimator={cfg.zo.estimator}, support={cfg.zo.support}"
+        + (f" (k={cfg.zo.support_k})" if cfg.zo.support == "topk" else ""))
     rank0 = world_info()[1] == 0
     if rank0 and not (resume and (ws.run.checkpoints / "zo").exists()):
         fingerprint.record(ws.run, "stage2", ws.fingerprints.get("stage2") or fingerprint.current(cfg, "stage2"))
