@@ -125,14 +125,21 @@ def record(run: RunDir, stage: str, fp: dict | None) -> None:
     atomic_write_json(run.fingerprint, allfp)
 
 
+#: Keys whose default changed after they first existed: a record without the key was made when
+#: the option did not exist, so it ran with the value here (zo.rng: torch's stream was the only
+#: one until Philox became the default).
+RECORDED_BEFORE = {"zo.rng": "torch"}
+
+
 @functools.cache
 def _defaults() -> dict[str, Any]:
-    return flatten(RunConfig().model_dump(mode="json"))
+    return {**flatten(RunConfig().model_dump(mode="json")), **RECORDED_BEFORE}
 
 
 def differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ; a key that only one side has counts as at its default there
-    (a run recorded before an option existed ran with the option's default). Secret keys are
+    (a run recorded before an option existed ran with the option's default then:
+    :data:`RECORDED_BEFORE`, else today's). Secret keys are
     not compared (they are recorded as ``***``; a rotated API key changes no answer)."""
     dflt = _defaults()
     return sorted(k for k in set(old) | set(new)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from compo.errors import CheckpointError, one_line
+from compo.errors import CheckpointError, Diverged, one_line
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
@@ -64,11 +64,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as JSON; a NaN / inf in it (JSON has none) is :class:`Diverged` naming the file
+    and the keys, and nothing is written."""
+    bad = non_finite_keys(obj)
+    if bad:
+        raise Diverged(f"{path}: not written: non-finite {first_few(bad)}")
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def json_line(record: dict) -> str:
+    """One strict JSON line: a non-finite number becomes null (bare NaN / Infinity are not JSON)."""
+    return json.dumps(_finite_or_null(record), ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json_line(r) for r in rows))
 
 
 def _read_text(path: Path) -> str:
@@ -253,7 +263,7 @@ class RunDir:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record))
             f.flush()
         if self.trackers is not None:
             self.trackers.log(record)
@@ -318,6 +328,22 @@ def check_run_dir(path: str | Path) -> None:
         raise CheckpointError(p, f"cannot create the run directory: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(p, f"the run directory is not writable ({parent})")
+
+
+def non_finite_keys(obj: Any, where: str = "") -> list[str]:
+    """Dotted paths of the non-finite floats in a JSON-like ``obj`` (``[i]`` for list items)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [where or "value"]
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in non_finite_keys(v, f"{where}.{key}" if where else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in non_finite_keys(v, f"{where}[{i}]")]
+    return []
+
+
+def first_few(names: list[str], n: int = 3) -> str:
+    """``a, b, c, ...``: the first ``n`` of ``names``, for a one-line message."""
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def _finite_or_null(obj: Any) -> Any:

@@ -24,7 +24,10 @@ from compo.errors import CheckpointError, Diverged
 from compo.encode import Encoded
 from compo.logprobs import pair_logps
 from compo.progress import bar as progress_bar, say
-from compo.rundir import RunDir, atomic_save_dir, atomic_save_dir_all, atomic_write_json, describe_exc, read_json
+from compo.rundir import (
+    RunDir, atomic_save_dir, atomic_save_dir_all, atomic_write_json, describe_exc, first_few, non_finite_keys,
+    read_json,
+)
 
 GROUP_WINDOW = 32  # steps whose rows stage1.group_by_length sorts together
 PAIRED_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}
@@ -242,8 +245,15 @@ def train_stage1(
 
 def save_model(target: Path, model, tokenizer, stage: str, metrics: dict, extra=None, state_dict=None) -> None:
     """model/ with the stage marker inside it, swapped in as one directory (see compo.workspace);
-    ``state_dict``: the weights to write instead of ``model``'s own (gathered from shards)."""
+    ``state_dict``: the weights to write instead of ``model``'s own (gathered from shards).
+    A non-finite weight or metric is :class:`Diverged`: model/ and the checkpoints stay as they were."""
     from compo.workspace import STAGE_FILE
+
+    bad = non_finite_weights(model, state_dict) or non_finite_keys(metrics)
+    if bad:
+        raise Diverged(f"{stage}: the trained model gives non-finite {first_few(bad)} (in float16 / bfloat16 "
+                       "too large a step overflows the model's range); model/ was not written and the last "
+                       "checkpoint is kept")
 
     def save(d: Path) -> None:
         model.save_pretrained(d, **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -253,6 +263,15 @@ def save_model(target: Path, model, tokenizer, stage: str, metrics: dict, extra=
         atomic_write_json(d / STAGE_FILE, {"stage": stage, "metrics": metrics})
 
     atomic_save_dir(target, save)
+
+
+def non_finite_weights(model, state_dict: dict | None = None) -> list[str]:
+    """Names of ``model``'s parameters holding NaN or inf, read from ``state_dict`` when given
+    (gathered shards). Buffers are left out: some models keep -inf attention masks."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = state_dict if state_dict is not None else params
+    return [k for k, v in tensors.items() if k in params and torch.is_tensor(v) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
 
 
 def _save_checkpoint(accelerator: Accelerator, path: Path, step: int, hooks: dict, per_step: int) -> None:

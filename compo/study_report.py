@@ -187,6 +187,13 @@ def write_report(root: Path, study, results: list[dict], say=print) -> dict:
                 f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]  (n={r['n']})")
     effects = [dict(r, metrics=r["stage2_effect"]) for r in results if r.get("stage2_effect")]
     for e in aggregate(effects, ["accuracy"]):
-        say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}: accuracy {100 * e['mean']:+.2f} pts "
+        seeds = [r for r in effects if (r["method"], r["noise"]) == (e["method"], e["noise"])]
+        if e["n"] > 1:  # each seed's paired interval, then the mean with its t interval over seeds
+            for r in seeds:
+                v = r["metrics"]["accuracy"]
+                say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}, seed {r['seed']}: accuracy "
+                    f"{100 * v['value']:+.2f} pts [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]")
+        over = f", mean of {e['n']} seeds" if e["n"] > 1 else ""
+        say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}{over}: accuracy {100 * e['mean']:+.2f} pts "
             f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]")
     return {"rows": rows, "plots": plots}

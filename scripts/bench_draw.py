@@ -1,6 +1,6 @@
-"""Time one perturbation's CPU draw three ways and print JSON: ``torch.randn`` from a seeded
-generator, compo's kernel for the same numbers (compo/zo/mt19937.py, ``zo.rng: torch``) and
-compo's Philox normals (``zo.rng: philox``), in milliseconds per draw of ``--rows`` x ``--width``
+"""Time one perturbation's CPU draw two ways and print JSON: ``torch.randn`` from a seeded
+generator (``zo.rng: torch``) and compo's Philox normals (``zo.rng: philox``, the default), in
+milliseconds per draw of ``--rows`` x ``--width``
 float32 numbers (default: a projected SmolLM2 perturbation, 49152 x 90), on ``--threads`` threads
 (one draw runs on one), CPU seconds, best of ``--runs`` runs of ``--reps`` draws.
 
@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from compo.zo import mt19937  # noqa: E402
 from compo.zo.philox import fill_normal, keys  # noqa: E402
 
 
@@ -48,12 +47,9 @@ def main() -> None:
     z = torch.empty(args.rows, args.width)
     gen = torch.Generator().manual_seed(seed)
     out = {"rows": args.rows, "width": args.width, "numbers": z.numel(), "threads": args.threads,
-           "torch_randn_ms": best_ms(lambda: torch.randn(z.shape, generator=gen, out=z), args.reps, args.runs),
-           "torch_draw_kernel": mt19937.available()}
-    if out["torch_draw_kernel"]:
-        out["torch_kernel_ms"] = best_ms(lambda: mt19937.TorchCPUStream(seed).fill(z), args.reps, args.runs)
-        out["kernel_speedup"] = out["torch_randn_ms"] / out["torch_kernel_ms"]
+           "torch_randn_ms": best_ms(lambda: torch.randn(z.shape, generator=gen, out=z), args.reps, args.runs)}
     out["philox_ms"] = best_ms(lambda: fill_normal(z, *keys(seed)), args.reps, args.runs)
+    out["philox_speedup"] = out["torch_randn_ms"] / out["philox_ms"]
     print(json.dumps(out))
 
 

@@ -15,8 +15,8 @@ All three are measured in one run, on one preference pair, on the same (untied) 
   scored hidden states) and one (T x k)(k x V) matmul, log-softmax and gather.
 * ``step_m{m}_projected_s`` / ``step_m{m}_full_s``: one whole step (m perturbations), wall or CPU
   seconds per ``--clock``; ``--m 1600`` gives the paper's step.
-* ``floor_s``: one V x H fp32 draw of the step's stream (``torch.randn``'s numbers, on a CPU from
-  compo's kernel for them, compo/zo/mt19937.py, where it matches) plus one head matmul h z^T over the pair's
+* ``floor_s``: one V x H fp32 draw of the step's stream (``--rng``: Philox by default, or
+  ``torch.randn``'s numbers) plus one head matmul h z^T over the pair's
   scored tokens, log-softmax over V and gather (``compo.zo.head.candidate_logps``, in the
   trainer's vocab tiles on the CPU), per perturbation; measured before and after the compo steps, the smaller is reported (on a
   shared machine the load drifts: ``loadavg_1m`` gives it at the start and the end).
@@ -36,8 +36,8 @@ data-sheet figure, or ``--peak-gbs``), ``head_matmul_fraction_of_bandwidth``. On
 product is timed with CUDA events over 200 repetitions (10 on the CPU's wall clock).
 ``--matmul-dtype bfloat16`` times the compo steps with ``zo.matmul_dtype`` bfloat16 (the floor
 stays float32) and adds ``vote_agreement_vs_float32``: the share of a projected step's m votes
-that are the same as with the float32 matmul. ``--rng philox`` draws the perturbations (compo's
-steps and both floors) with ``zo.rng`` philox.
+that are the same as with the float32 matmul. ``--rng torch`` draws the perturbations (compo's
+steps and both floors) with ``zo.rng`` torch (plain ``torch.randn``) instead of Philox.
 
 On a shared machine other processes' threads make multi-threaded timings swing widely (the
 full-model forwards suffer most); ``--threads 1 --clock cpu`` gives steadier numbers.
@@ -201,13 +201,12 @@ def vote_agreement(model, item, row, pad_id, cfg, seed: int) -> float:
 
 
 def floor_per_perturbation(model, item, pad_id, radius: float, reps: int, seed: int, device,
-                           projected: bool = False, rng: str = "torch") -> tuple[float, int, int]:
+                           projected: bool = False, rng: str = "philox") -> tuple[float, int, int]:
     """(seconds, scored tokens T, width) per perturbation of randn(V, width) + one head matmul
     (T x width by width x V) + log-softmax + gather, with the base logits computed once outside.
     width = H, or with ``projected`` k = the rank of the scored hidden states (h in the basis Q
     of their span, as one projected step computes it once). The draw is the step's own
-    (``PerturbationSource.draw`` for ``rng``): on a CPU under torch, compo's kernel for
-    torch.randn's numbers where it matches here (compo/zo/mt19937.py)."""
+    (``PerturbationSource.draw`` for ``rng``)."""
     from compo.zo.head import base_logits, candidate_logps, capture, projection_basis, shift_rows, vocab_tile
 
     with torch.no_grad():
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.set_num_threads (default: torch's); 1 is steadier on a shared machine")
     ap.add_argument("--matmul-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="zo.matmul_dtype of the compo steps; not float32: also vote_agreement_vs_float32")
-    ap.add_argument("--rng", default="torch", choices=("torch", "philox"),
+    ap.add_argument("--rng", default="philox", choices=("philox", "torch"),
                     help="zo.rng of the compo steps and the floors' draws")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak, TFLOP/s (default: bench_head's table for known GPUs)")
@@ -383,8 +382,6 @@ def main(argv: list[str] | None = None) -> int:
         "projected_step_matmul_dtype": args.matmul_dtype,
         "matmul_dtype": args.matmul_dtype,
         "rng": args.rng,
-        "torch_draw_kernel": PerturbationSource(args.seed, (v, width), args.radius, device=device,
-                                                rng=args.rng).torch_kernel,
         "vote_agreement_vs_float32": agreement,
         "loadavg_1m": None if load0 is None else [round(load0, 2), round(os.getloadavg()[0], 2)],
     }

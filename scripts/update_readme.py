@@ -1,4 +1,5 @@
-"""Regenerate the README's config reference table from the pydantic models."""
+"""Regenerate the config reference table of docs/config.md (between its config:start / config:end
+markers) from the pydantic models."""
 
 from pathlib import Path
 
@@ -14,7 +15,7 @@ def table() -> str:
 
 
 def main() -> None:
-    path = Path(__file__).resolve().parent.parent / "README.md"
+    path = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     text = path.read_text()
     if "CONFIG_REFERENCE" in text:
         text = text.replace("CONFIG_REFERENCE", f"{START}\n{END}")

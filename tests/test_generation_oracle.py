@@ -2,6 +2,7 @@
 judge server that dies halfway through the run."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -64,6 +65,17 @@ def test_batched_candidate_generation_equals_one_at_a_time(setup, do_sample):
         base = gen.generate(prompts[:1], w)[0][0]
         ref = model.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert base == tok.decode(ref[0, len(prompts[0]):], skip_special_tokens=True)
+
+
+def test_generation_passes_the_cache_by_its_current_name(setup):
+    """transformers 5 renamed a forward's ``past_key_values`` to ``cache``: the old name warns."""
+    model, tok, items, _ = setup
+    w = model.get_output_embeddings().weight.detach().float()
+    gen = HeadGenerator(model, tok, GenerationSettings(4, False), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = gen.generate([items[0].prompt], w)
+    assert out[0][0]
 
 
 def _cfg(**kw):

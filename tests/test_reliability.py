@@ -14,10 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from compo import faults
 from compo.cli import main
 from compo.rundir import read_jsonl
+from compo.zo.estimator import fits_dtype
+from test_nonfinite import strict_loads
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
@@ -144,6 +148,47 @@ def test_a_huge_step_size_warns(tmp_path, capsys):
     assert "warning: stage2 step" in out and "lower zo.gamma" in out
     summary = json.loads((run / "summary.json").read_text())
     assert any("lower zo.gamma" in w for w in summary["stage2"]["warnings"])
+
+
+FP16_STAGE2 = ["stage1.enabled=false", "model.dtype=float16"]
+
+
+def _strict_json_files(run: Path) -> None:
+    """Every JSON file in the run directory parses without NaN / Infinity."""
+    for p in [*run.glob("*.json"), *run.glob("checkpoints/**/*.json")]:
+        strict_loads(p.read_text())
+    for p in run.glob("*.jsonl"):
+        for line in p.read_text().splitlines():
+            strict_loads(line)
+
+
+def test_a_head_overflowing_float16_stops_with_exit_3(tmp_path, capsys):
+    """The fp32 master head stays finite; the float16 model's head (or its logits) overflows."""
+    run = tmp_path / "run"
+    assert main(_argv(run, [*FP16_STAGE2, "zo.gamma=1e8"])) == 3
+    line = _one_error_line(capsys)
+    assert line.startswith("compo: error: stage2") and "float16" in line, line
+    assert not (run / "model").exists()
+    _strict_json_files(run)
+
+
+def test_float16_overflow_stops_at_its_step_and_keeps_the_last_good_checkpoint(clean_faults, tmp_path, capsys):
+    """A good run stopped at its 2nd update keeps the checkpoint before it; resumed with a huge
+    zo.gamma it takes that step again (votes do not depend on gamma) and its head overflows."""
+    run = tmp_path / "run"
+    clean_faults.setenv("COMPO_FAULT", "nan:zo.update:2")
+    assert main(_argv(run, FP16_STAGE2)) == 3
+    capsys.readouterr()
+    clean_faults.delenv("COMPO_FAULT")
+    assert main(_argv(run, [*FP16_STAGE2, "zo.gamma=1e8"]) + ["--force-resume"]) == 3
+    line = _one_error_line(capsys)
+    prefix = "compo: error: stage2 step "
+    assert line.startswith(prefix) and "the updated head overflows the model's float16" in line, line
+    step = int(line[len(prefix):].split(":")[0])
+    assert json.loads((run / "checkpoints" / "zo" / "state.json").read_text())["step"] == step - 1
+    assert fits_dtype(load_file(run / "checkpoints" / "zo" / "head.safetensors")["weight"], torch.float16)
+    assert not (run / "model").exists()
+    _strict_json_files(run)
 
 
 # ------------------------------------------------------------------ judge budget

@@ -51,6 +51,40 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x.sum(dtype=torch.float64)))
 
 
+def fits_dtype(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every entry of ``x`` stays finite cast to ``dtype``: a finite fp32 master head
+    (or its logits) can still overflow a float16 model's range (65504) to inf. Casting rounds
+    monotonically, so x's min and max decide it: one reduction, no head-sized copy; NaN fails."""
+    if x.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x)).to(dtype)).all())
+
+
+def dtype_overflow(w: torch.Tensor, dtype: torch.dtype, h: torch.Tensor, bias: torch.Tensor | None = None,
+                   block: int = 1 << 24) -> str | None:
+    """Why the fp32 head ``w`` cannot run in the model's ``dtype``, or None when it can: an entry,
+    or a logit ``h w^T (+ bias)`` of the step's hidden states ``h``, past dtype's largest value
+    (the model would hold inf and give NaN log-probs, which the fp32 checks never see). The
+    logits are computed in fp32 from the exact hidden states, so a logit within rounding of the
+    limit may be judged either way. A dtype as wide as w's is never checked (None); the logits
+    go a block of rows (about ``block`` entries: 64 MB) at a time, never all T x V at once."""
+    big = torch.finfo(dtype).max
+    if big >= torch.finfo(w.dtype).max:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if not fits_dtype(w, dtype):
+        return f"the updated head overflows the model's {name}: max |w| = {float(w.abs().max()):.6g} > {big:.6g}"
+    rows = max(1, block // max(1, w.shape[0]))
+    for a in range(0, h.shape[0], rows):
+        logits = h[a : a + rows] @ w.T
+        if bias is not None:
+            logits += bias
+        if not fits_dtype(logits, dtype):
+            return (f"the updated head's logits overflow the model's {name}: max |logit| = "
+                    f"{float(logits.abs().max()):.6g} > {big:.6g} on the step's pairs")
+    return None
+
+
 def top_indices(a: torch.Tensor, k: int, sample: int = 1 << 18) -> torch.Tensor:
     """Indices of the ``k`` largest entries of the 1-D ``a``: the set ``torch.topk`` gives.
 

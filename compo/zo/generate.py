@@ -8,6 +8,7 @@ candidate's text does not depend on which other candidates share its batch.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,25 @@ def _body(model):
     return body
 
 
+def cache_keyword(body) -> str:
+    """The keyword the body's forward takes its KV cache by: ``cache`` (transformers 5.x; the old
+    ``past_key_values`` warns there) or ``past_key_values`` (earlier versions)."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned: ``out.cache`` (transformers 5.x) or ``out.past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 class HeadGenerator:
     """Generates responses from the frozen body with base / perturbed output layers."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, seed: int = 0):
         self.model, self.tokenizer, self.settings, self.seed = model, tokenizer, settings, seed
         self.body = _body(model)
+        self.cache_kw = cache_keyword(self.body)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
 
@@ -80,7 +94,7 @@ class HeadGenerator:
         batch = collate([(p, []) for p in rows], self.pad, padding_side="left")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
-        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        cache, h = returned_cache(out), out.last_hidden_state[:, -1]
         pos = position_ids_from_mask(mask)[:, -1]
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         tokens: list[torch.Tensor] = []
@@ -95,8 +109,8 @@ class HeadGenerator:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
             out = self.body(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            past_key_values=cache, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+                            use_cache=True, **{self.cache_kw: cache})
+            cache, h = returned_cache(out), out.last_hidden_state[:, -1]
         gen = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in rows]
         texts = []
         for seq in gen:

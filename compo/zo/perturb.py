@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-from compo.zo import mt19937
 from compo.zo.philox import PhiloxStream
 
 _MASK63 = (1 << 63) - 1
@@ -68,9 +67,11 @@ def perturbation_seed(run_seed: int, step: int, index: int) -> int:
 class PerturbationSource:
     """Draws standard-normal directions of a fixed shape for (step, index).
 
-    ``rng``: ``torch``, torch's generator (mt19937 on the CPU, Philox on CUDA: the two differ);
-    ``philox``: compo's Philox4x32-10 normals (compo/zo/philox.py), the same numbers on every
-    device and ~3x faster to draw on a CPU.
+    ``rng``: ``philox`` (the default), compo's Philox4x32-10 normals (compo/zo/philox.py), the
+    same numbers on every device, keyed by all 64 bits of a perturbation's seed, drawn on a CPU
+    by a numba kernel ~3x faster than torch's; ``torch``: plain ``torch.randn`` from a generator
+    seeded per perturbation (mt19937 on the CPU, which keeps a seed's low 32 bits; Philox on CUDA:
+    the two differ).
 
     ``gaussian``: z ~ N(0, I), the candidate is W + r z (the official code; std r per entry).
     ``sphere``: z / ||z||, the candidate is W + r z/||z|| (the paper's Algorithm 1).
@@ -78,7 +79,7 @@ class PerturbationSource:
     """
 
     def __init__(self, run_seed: int, shape: tuple[int, ...], radius: float, distribution: str = "gaussian",
-                 device: torch.device | str = "cpu", threads: int | None = None, rng: str = "torch"):
+                 device: torch.device | str = "cpu", threads: int | None = None, rng: str = "philox"):
         if distribution not in ("gaussian", "sphere"):
             raise ValueError(f"unknown perturbation distribution '{distribution}', allowed: gaussian, sphere")
         if rng not in ("torch", "philox"):
@@ -90,9 +91,6 @@ class PerturbationSource:
             raise ValueError("zo.rng=philox needs float64 (its torch ops round sqrt through it), which mps lacks; "
                              "use zo.rng=torch")
         self._gen = torch.Generator(device=self.device)
-        # CPU torch-stream draws through compo's kernel (the same numbers, ~2.5x faster; compo/zo/mt19937.py),
-        # for draws of 16 numbers or more (torch draws fewer another way), where it matches torch here
-        self.torch_kernel = rng == "torch" and self.device.type == "cpu" and math.prod(shape) >= 16 and mt19937.available()
         # torch's CPU randn runs on one core, so CPU draws are shared out over threads, one
         # generator each; every draw is seeded by its own index: the result is thread-count free
         n = threads if threads is not None else torch.get_num_threads()
@@ -102,23 +100,21 @@ class PerturbationSource:
         """The calling thread's CPU generator (one each: they are not safe to share), or the GPU's."""
         return _thread_generator(self.device) if self.device.type == "cpu" else self._gen
 
-    def _stream(self, seed: int) -> torch.Generator | PhiloxStream | mt19937.TorchCPUStream:
-        """The start of the stream for ``seed``: a Philox stream, or torch's stream for the seed
-        (compo's kernel's copy of it on a CPU where that matches, else this thread's generator)."""
+    def _stream(self, seed: int) -> torch.Generator | PhiloxStream:
+        """The start of the stream for ``seed``: a Philox stream, or this thread's torch
+        generator seeded with it."""
         if self.rng == "philox":
             return PhiloxStream(seed)
-        if self.torch_kernel:
-            return mt19937.TorchCPUStream(seed)
         return self._own_generator().manual_seed(seed)
 
-    def generator(self, step: int, index: int) -> torch.Generator | PhiloxStream | mt19937.TorchCPUStream:
+    def generator(self, step: int, index: int) -> torch.Generator | PhiloxStream:
         """The stream of perturbation ``index`` of ``step``, at its start (see :meth:`fill`)."""
         return self._stream(perturbation_seed(self.run_seed, step, index))
 
     @staticmethod
-    def fill(gen: torch.Generator | PhiloxStream | mt19937.TorchCPUStream, rows: torch.Tensor) -> None:
+    def fill(gen: torch.Generator | PhiloxStream, rows: torch.Tensor) -> None:
         """The next ``rows.numel()`` numbers of ``gen``'s stream into ``rows`` (contiguous)."""
-        if isinstance(gen, (PhiloxStream, mt19937.TorchCPUStream)):
+        if isinstance(gen, PhiloxStream):
             gen.fill(rows)
         else:
             torch.randn(rows.shape, generator=gen, out=rows)

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, types
 from numba.core.extending import intrinsic
 
-from compo.zo.philox import ANGLE, COS, LN2, LOG, M0, M1, ROUNDS, SIN, SQRT2, W0, W1
+from compo.zo.philox_spec import ANGLE, COS, LN2, LOG, M0, M1, ROUNDS, SIN, SQRT2, W0, W1
 
 _u32, _u64, _i32, _f32 = np.uint32, np.uint64, np.int32, np.float32
 _M0, _M1, _W0, _W1 = _u64(M0), _u64(M1), _u32(W0), _u32(W1)

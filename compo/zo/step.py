@@ -16,8 +16,8 @@ from compo.dist import Ranks, all_gather_votes, all_reduce_sum, broadcast_votes,
 from compo.errors import Diverged, UserError
 from compo.models import untie_head
 from compo.zo.estimator import (
-    agreement_record, agreement_skip_reason, agreements, all_finite, normalise, proposed_head, signal_cosine,
-    signal_mu2, skip_reason, sparsify, update_record,
+    agreement_record, agreement_skip_reason, agreements, all_finite, dtype_overflow, normalise, proposed_head,
+    signal_cosine, signal_mu2, skip_reason, sparsify, update_record,
 )
 from compo.zo.fused import fused_logps, worth_fusing
 from compo.zo.head import (
@@ -283,6 +283,10 @@ class ZOStep:
             raise Diverged(f"stage2 step {t + 1}: the updated head is not finite (zo.gamma={self.cfg.gamma}); "
                            "model/ was not written and the last checkpoint is kept")
         dtype = self.head.weight.dtype
+        overflow = dtype_overflow(new_w, dtype, inp.h, inp.bias)
+        if overflow is not None:
+            raise Diverged(f"stage2 step {t + 1}: {overflow} (zo.gamma={self.cfg.gamma}); "
+                           "model/ was not written and the last checkpoint is kept")
         rec = update_record(self.w, new_w, g_sparse, dtype)
         self._spare, self.w = self.w, new_w
         self.head.weight.data.copy_(new_w.to(dtype))
