@@ -7,9 +7,9 @@ import os
 import sys
 import traceback
 
-from compo.config import RunConfig, dump_config, load_config, reference_table
-from compo.errors import EXIT_INTERNAL, CompoError, Paused, one_line
-from compo import progress
+from compo.core.config import RunConfig, dump_config, load_config, reference_table
+from compo.core.errors import EXIT_INTERNAL, CompoError, Paused, one_line
+from compo.core import progress
 
 OUTPUT = ("report_to", "logging")  # trackers and console progress: every command that trains
 SECTIONS = {
@@ -111,7 +111,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
 def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
     from compo import pipeline as pl
 
-    from compo.summary_table import final_line
+    from compo.run.summary_table import final_line
 
     resume = args.resume or args.force_resume
     if args.command == "pipeline":
@@ -119,7 +119,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> None:
         progress.result(final_line("pipeline", summary))
         return
     if args.command == "eval":
-        from compo.eval_cmd import run_eval
+        from compo.research.eval_cmd import run_eval
 
         progress.configure(cfg.logging.progress_steps, cfg.logging.progress_seconds)
         progress.library_bars()
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_verbosity(progress.QUIET if args.quiet else progress.VERBOSE if args.verbose else progress.NORMAL)
     try:
         if args.command == "study":
-            from compo.study import Runner, load_study
-            from compo.tracking import check
+            from compo.research.study import Runner, load_study
+            from compo.core.tracking import check
 
             study, cells = load_study(args.config, args.overrides, args.study_dir)
             for cell in cells.values():  # a missing tracker package fails before the first cell
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.result(f"compo study: done, {len(cells)} cells; results in {study.study_dir}/study.md")
             return 0
         if args.command == "config" and (args.from_trl or args.output or args.trl_trainer):
-            from compo import from_trl
+            from compo.interop import from_trl
 
             from_trl.main(args.from_trl, args.trl_trainer, resolve_overrides(args), args.output, args.config, args.list)
             return 0

@@ -1,7 +1,7 @@
 """Orchestration: load -> normalise -> tokenize -> log-probs -> split -> train -> evaluate.
 
 Each command (split, train, zo, pipeline) is a thin function over the pure pieces; all of
-them read and write the same run directory (see compo/rundir.py).
+them read and write the same run directory (see compo/core/rundir.py).
 """
 
 from __future__ import annotations
@@ -11,29 +11,30 @@ from dataclasses import dataclass
 
 import torch
 
-from compo import fingerprint
-from compo.config import RunConfig
-from compo.encode import Encoded, EncodeResult
-from compo.errors import Diverged, UserError
-from compo.dist import world_info
-from compo.logprobs import PairScores, score_pairs
-from compo.rows import PairRow
-from compo.rundir import is_writer, write_jsonl
-from compo.noise import PairNoise, apply_to_pairs, label_quality, pair_noise, swap_pairs
-from compo.split import calibration, calibration_text, histogram, margins_of, noisy_mask, summarize
-from compo.heldout import evaluate, fmt_metrics, paired_effect, saved_eval
-from compo.workspace import Workspace, say, stage_marker
-from compo.workspace import open_workspace as _open
+from compo.core import fingerprint
+from compo.core.config import RunConfig
+from compo.data.encode import Encoded, EncodeResult
+from compo.core.errors import Diverged, UserError
+from compo.core.dist import world_info
+from compo.scoring.logprobs import PairScores, score_pairs
+from compo.data.rows import PairRow
+from compo.core.rundir import is_writer, write_jsonl
+from compo.data.noise import PairNoise, apply_to_pairs, label_quality, pair_noise, swap_pairs
+from compo.scoring.split import calibration, calibration_text, histogram, margins_of, noisy_mask, summarize
+from compo.run.heldout import evaluate, fmt_metrics, paired_effect, saved_eval
+from compo.core.files import stage_marker
+from compo.run.workspace import Workspace, say
+from compo.run.workspace import open_workspace as _open
 
 
 def open_workspace(cfg: RunConfig, command: str = "pipeline", resume: bool = False,
                    force_resume: bool = False) -> Workspace:
-    """Validate everything ``command`` will use, load the model (see compo/workspace.py); start
+    """Validate everything ``command`` will use, load the model (see compo/run/workspace.py); start
     the ``report_to`` trackers (their packages are checked first, before any work). Under
     torchrun this process joins the process group first (docs/scaling.md)."""
-    from compo import progress, tracking
-    from compo.dist import init_distributed, leave_distributed
-    from compo.models import check_device
+    from compo.core import progress, tracking
+    from compo.core.dist import init_distributed, leave_distributed
+    from compo.scoring.models import check_device
 
     tracking.check(cfg)
     progress.configure(cfg.logging.progress_steps, cfg.logging.progress_seconds)
@@ -156,7 +157,7 @@ def run_split(ws: Workspace) -> SplitResult:
         say(f"split: dropped {enc.n_dropped} pairs whose prompt exceeds data.max_prompt_length={cfg.data.max_prompt_length}")
     ref_model = ws.model
     if cfg.split.reference:
-        from compo.models import load_pretrained
+        from compo.scoring.models import load_pretrained
 
         ref_model, _ = load_pretrained(cfg.split.reference, cfg)
     scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs",
@@ -232,18 +233,18 @@ def _pct(x: float | None) -> str:
 
 def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -> dict:
     """Stage 1 on the clean pairs (or all, per stage1.train_on); saves run_dir/model."""
-    from compo.stage1 import PAIRED_LOSSES, Stage1Data, paired_objective, train_stage1
+    from compo.train.stage1 import PAIRED_LOSSES, Stage1Data, paired_objective, train_stage1
 
     cfg = ws.cfg
     if not (resume and (ws.run.checkpoints / "stage1").exists()) and is_writer():  # a fresh stage 1: stage 2's old state is void
         fingerprint.record(ws.run, "stage1", ws.fingerprints.get("stage1") or fingerprint.current(cfg, "stage1"))
         ws.run.drop_checkpoints("zo")
     if cfg.stage1.loss not in PAIRED_LOSSES:
-        from compo.stage1_unpaired import run_unpaired_stage1
+        from compo.train.stage1_unpaired import run_unpaired_stage1
 
         return run_unpaired_stage1(ws, split, resume)
     if split is None:
-        from compo.stage1_unpaired import paired_data_message
+        from compo.train.stage1_unpaired import paired_data_message
 
         raise UserError("stage1.loss", paired_data_message(cfg.stage1.loss, cfg.data.path))
     idx = split.train_indices(cfg.stage1.train_on)
@@ -257,10 +258,10 @@ def run_stage1(ws: Workspace, split: SplitResult | None, resume: bool = False) -
     t0 = time.time()
     final = train_stage1(ws.model, ws.tokenizer, Stage1Data(items, ref), cfg, ws.run,
                          paired_objective(cfg, ws.pad_id), resume=resume)
-    from compo.stage1_dist import trained_in_shards
+    from compo.train.stage1_dist import trained_in_shards
 
     if trained_in_shards():  # FSDP / ZeRO-3 left the in-memory model in shards: go on with model/
-        from compo.models import load_pretrained
+        from compo.scoring.models import load_pretrained
 
         ws.model, _ = load_pretrained(str(ws.run.model), cfg)
     final["wall_s"] = round(time.time() - t0, 2)
@@ -306,7 +307,7 @@ def _resume_finished(ws: Workspace) -> str | None:
     if done is None:
         return None
 
-    from compo.models import load_pretrained
+    from compo.scoring.models import load_pretrained
 
     ws.model, _ = load_pretrained(str(ws.run.model), ws.cfg)
     marker = stage_marker(ws.run.model) or {}
@@ -347,7 +348,7 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
         say(f"eval after stage2: {fmt_metrics(evals['stage2'])}")
         if s1 is not None and s2 is not None:
             evals["stage2_effect"] = paired_effect(s1, s2, ref_eval, cfg)
-    from compo.tracking import log_eval
+    from compo.core.tracking import log_eval
 
     log_eval(ws.run, evals)
     extra = {"forced_resume": ws.forced} if ws.forced else {}
@@ -357,7 +358,7 @@ def _pipeline(ws: Workspace, t0: float) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    """summary.json as aligned tables (see compo/summary_table.py)."""
-    from compo.summary_table import summary_lines
+    """summary.json as aligned tables (see compo/run/summary_table.py)."""
+    from compo.run.summary_table import summary_lines
 
     say("\n".join(summary_lines(summary)))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from compo.errors import UserError, one_line
+from compo.core.errors import UserError, one_line
 
 
 class OptionError(UserError):

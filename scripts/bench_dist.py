@@ -3,7 +3,7 @@
 
 Spawns 1 and 2 gloo processes on CPU (``--worlds``), each running ``--steps`` ComPO steps
 (likelihood oracle, acceptance check on, every step proposes) on the same model and pairs, and
-reads the bytes from ``compo.commstats``, which counts the tensors passed to every collective
+reads the bytes from ``compo.core.commstats``, which counts the tensors passed to every collective
 compo makes (counted, not estimated). Prints one JSON object:
 
 * per run: ``world``, ``V``, ``H``, ``m``, ``steps``; ``step_s`` (per step, the slowest rank's
@@ -38,7 +38,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 def _model(spec: dict):
     """(model, tokenizer) for a spec: {"path": DIR} or {"hidden": H, "extra_vocab": n} (a random toy Llama)."""
-    from compo import toy
+    from compo.data import toy
     from compo.config import ToyModelConfig
 
     if spec.get("path"):
@@ -52,10 +52,11 @@ def _model(spec: dict):
 
 def _worker(rank: int, world: int, rdzv: str, out: str, spec: dict, m: int, steps: int, chunk: int,
             threads: int) -> None:
-    from compo import commstats, toy
+    from compo.core import commstats
+    from compo.data import toy
     from compo.config import ToyDataConfig, ZOConfig
-    from compo.encode import encode_rows, pad_id_of
-    from compo.rundir import RunDir
+    from compo.data.encode import encode_rows, pad_id_of
+    from compo.core.rundir import RunDir
     from compo.zo.trainer import ZOTrainer
     from oracles import LikelihoodOracle
 

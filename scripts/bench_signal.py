@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compo.data import load_rows
-    from compo.encode import encode_rows, pad_id_of
-    from compo.models import untie_head
+    from compo.data.load import load_rows
+    from compo.data.encode import encode_rows, pad_id_of
+    from compo.scoring.models import untie_head
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

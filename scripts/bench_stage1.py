@@ -49,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_head, bench_tr
 
 from bench_head import sync  # noqa: E402
 
-from compo import stage1_unpaired as su  # noqa: E402
+from compo.train import stage1_unpaired as su  # noqa: E402
 from compo.config import load_config  # noqa: E402
-from compo.data import pairs_to_unpaired  # noqa: E402
-from compo.logprobs import score_pairs  # noqa: E402
+from compo.data.load import pairs_to_unpaired  # noqa: E402
+from compo.scoring.logprobs import score_pairs  # noqa: E402
 from compo.pipeline import Workspace  # noqa: E402
-from compo.rows import PairRow, UnpairedRow  # noqa: E402
-from compo.rundir import RunDir  # noqa: E402
-from compo.stage1 import Stage1Data, paired_objective, train_stage1  # noqa: E402
+from compo.data.rows import PairRow, UnpairedRow  # noqa: E402
+from compo.core.rundir import RunDir  # noqa: E402
+from compo.train.stage1 import Stage1Data, paired_objective, train_stage1  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -79,20 +79,20 @@ def load_data(cfg, tokenizer, limit: int | None) -> tuple[list[PairRow], list[Un
     paired by rank of prompt length; DPO gets ``PairRow(prompt_up, y_up, y_down)``, BCO keeps both
     rows as they are (their own prompts, so UDM sees the real prompt distributions).
     """
-    from compo.encode import encode_rows
+    from compo.data.encode import encode_rows
 
     def fits(prompts) -> bool:
         rows = [UnpairedRow(p, "x", True) for p in prompts]
         return encode_rows(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length).n_dropped == 0
 
     if cfg.data.path == "toy":
-        from compo import toy
+        from compo.data import toy
 
         pairs = toy.toy_dataset(cfg.data.toy, cfg.seed)[0]
         rows_of = None
         desc = f"{len(pairs)} toy pairs"
     else:
-        from compo.data import load_rows
+        from compo.data.load import load_rows
 
         res = load_rows(cfg.data.path, rating_threshold=cfg.data.rating_threshold)
         if res.kind == "paired":
@@ -120,7 +120,7 @@ def load_data(cfg, tokenizer, limit: int | None) -> tuple[list[PairRow], list[Un
 
 
 def workspace(cfg, rows, kind) -> Workspace:
-    from compo.models import load_model
+    from compo.scoring.models import load_model
 
     run = RunDir(cfg.run_dir)
     model, tok = load_model(cfg, run.reference if cfg.model.path == "toy" else None)
@@ -157,10 +157,10 @@ class Timer:
 
 def all_rows(cfg) -> list[UnpairedRow]:
     if cfg.data.path == "toy":
-        from compo import toy
+        from compo.data import toy
 
         return pairs_to_unpaired(toy.toy_dataset(cfg.data.toy, cfg.seed)[0], cfg.seed)
-    from compo.data import load_rows
+    from compo.data.load import load_rows
 
     res = load_rows(cfg.data.path, rating_threshold=cfg.data.rating_threshold)
     return list(res.rows) if res.kind == "unpaired" else pairs_to_unpaired(list(res.rows), cfg.seed)
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.embedder is None:
-        from compo.udm import find_minilm
+        from compo.train.udm import find_minilm
 
         args.embedder = "minilm" if find_minilm() else "hash"
     embedder = hash_embed if args.embedder == "hash" else None

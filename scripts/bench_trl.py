@@ -54,7 +54,7 @@ def select_pairs(data: str, model: str, n: int, max_length: int) -> list[dict]:
     """The first ``n`` valid pairs whose prompt + longer response fit ``max_length`` tokens."""
     from transformers import AutoTokenizer
 
-    from compo.data import load_rows
+    from compo.data.load import load_rows
 
     tok = AutoTokenizer.from_pretrained(model)
     out = []
@@ -95,12 +95,12 @@ def worker_compo(args, pairs_file: Path) -> dict:
     import torch
 
     from compo.config import load_config
-    from compo.logprobs import score_pairs
-    from compo.models import load_model
+    from compo.scoring.logprobs import score_pairs
+    from compo.scoring.models import load_model
     from compo.pipeline import Workspace
-    from compo.rows import PairRow
-    from compo.rundir import RunDir
-    from compo.stage1 import Stage1Data, paired_objective, train_stage1
+    from compo.data.rows import PairRow
+    from compo.core.rundir import RunDir
+    from compo.train.stage1 import Stage1Data, paired_objective, train_stage1
 
     rows = [PairRow(p["prompt"], p["chosen"], p["rejected"]) for p in map(json.loads, pairs_file.open())]
     over = [f"model.path={args.model}", f"data.path={pairs_file}", "stage1.loss=dpo",

@@ -78,11 +78,11 @@ def log(msg: str) -> None:
 def load(args, device):
     """(model, tokenizer, name, pair row) on ``device``, fp32, head untied."""
     from compo.config import ToyDataConfig, ToyModelConfig
-    from compo.encode import pad_id_of
-    from compo.models import untie_head
+    from compo.data.encode import pad_id_of
+    from compo.scoring.models import untie_head
 
     if args.model == "toy":
-        from compo import toy
+        from compo.data import toy
 
         log("building the embedded toy reference model ...")
         model, tok = toy.build_reference(ToyModelConfig(), ToyDataConfig(), args.seed)
@@ -104,11 +104,11 @@ def load(args, device):
     if args.data is None:
         if args.model != "toy":
             raise SystemExit("--model other than toy needs --data FILE (a paired data file)")
-        from compo import toy
+        from compo.data import toy
 
         rows = toy.make_pairs(args.pair_index + 1, ToyDataConfig(), args.seed + 2, 0.0)
     else:
-        from compo.data import load_rows
+        from compo.data.load import load_rows
 
         res = load_rows(args.data, on_invalid="skip")
         if res.kind != "paired":
@@ -121,7 +121,7 @@ def load(args, device):
 
 def reference_per_perturbation(model, batch, radius: float, reps: int, seed: int, device) -> float:
     """The official per-perturbation procedure; seconds per perturbation over ``reps`` (after one warm-up)."""
-    from compo.logprobs import sequence_logps
+    from compo.scoring.logprobs import sequence_logps
     from oracles.likelihood import likelihood_votes
 
     head = model.get_output_embeddings()
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # only the JSON goes to stdout
         from compo.config import ZOConfig
-        from compo.encode import collate, encode_rows
-        from compo.models import resolve_device
+        from compo.data.encode import collate, encode_rows
+        from compo.scoring.models import resolve_device
 
         device = resolve_device(args.device)
         torch.manual_seed(args.seed)

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from compo import toy
+from compo.data import toy
 from compo.config import ToyDataConfig, ToyModelConfig
+
+# One intra-op thread in every process a test starts too (`compo` subprocesses, mp.spawn'd ranks):
+# they inherit this environment. scripts/test.sh runs the suite in 2 pytest-xdist workers, so
+# two-thread children would oversubscribe a 2-core machine (a toy pipeline subprocess took 16 s
+# on 2 threads, 7 s on 1). Tests that want more threads ask for them explicitly (threads=...).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+# The files that take longest (mostly `compo` runs in subprocesses and mp.spawn'd ranks), longest
+# first. Under pytest-xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder) a file's tests
+# run in one worker, files in collection order: starting these first lets the many short files
+# fill in behind them, so both workers finish together instead of one waiting on a long last file.
+SLOW_FILES_FIRST = (
+    "test_reliability.py", "test_distributed_pipeline.py", "test_judges_distributed.py",
+    "test_stage1_distributed.py", "test_progress.py", "test_commstats.py", "test_study.py",
+    "test_zo_distributed.py", "test_bad_inputs.py", "test_judges_api.py", "test_zo_support.py",
+    "test_tracking.py", "test_zo_signal.py", "test_zo_monitor.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # (a plain run keeps the file order)
+        first = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+        items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: a file's order kept
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,9 +47,9 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def _default_output():
-    """compo.progress keeps the CLI's verbosity and progress cadence in module globals: every test
+    """compo.core.progress keeps the CLI's verbosity and progress cadence in module globals: every test
     starts from the defaults, whatever an earlier `--quiet` / `--verbose` run left behind."""
-    from compo import progress
+    from compo.core import progress
 
     yield
     progress.set_verbosity(progress.NORMAL)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from compo.cli import main
 from compo.config import RunConfig, reference_table
-from compo.rundir import read_jsonl
+from compo.core.rundir import read_jsonl
 
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
          "zo.m=32", "zo.max_steps=3", "zo.checkpoint_every=2"]

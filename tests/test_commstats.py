@@ -1,4 +1,4 @@
-"""Counted collectives (compo.commstats): every collective compo makes goes through the wrappers,
+"""Counted collectives (compo.core.commstats): every collective compo makes goes through the wrappers,
 they count the bytes of the tensors really passed, and a stage-2 step passes 4*m + 4 bytes per
 rank whatever the size V*H of the output layer (scripts/bench_dist.py measures the same way)."""
 
@@ -30,12 +30,12 @@ def test_compo_calls_collectives_only_through_the_counting_wrappers():
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if COLLECTIVE.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    assert offenders == [], "call compo.commstats instead (its bytes are counted):\n" + "\n".join(offenders)
+    assert offenders == [], "call compo.core.commstats instead (its bytes are counted):\n" + "\n".join(offenders)
     assert COLLECTIVE.search("    dist.all_reduce(x, op=SUM)") and COLLECTIVE.search("dist.broadcast_object_list(o)")
 
 
 def _wrappers(rank: int, world: int, rdzv: str, out: str) -> None:
-    from compo import commstats
+    from compo.core import commstats
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)

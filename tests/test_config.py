@@ -56,7 +56,7 @@ def test_config_yaml_redacts_tokens_keys_passwords_and_url_credentials():
 
 
 def test_fingerprints_record_no_secret_and_ignore_a_rotated_key():
-    from compo import fingerprint
+    from compo.core import fingerprint
 
     cfg = load_config(None, ["zo.oracle.options={api_key: sk-S1, base_url: 'https://bob:P2@h.example/v1', rule: strict}",
                              "data.path=https://user:P3@data.example/pairs.jsonl"])

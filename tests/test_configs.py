@@ -27,7 +27,7 @@ def test_configs_are_found():
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_every_config_validates(path: Path):
     if is_study(path):
-        from compo.study import load_study
+        from compo.research.study import load_study
 
         _, cells = load_study(path)
         assert cells and all(isinstance(c, RunConfig) for c in cells.values())

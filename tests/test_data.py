@@ -1,4 +1,4 @@
-"""compo.data: reading every file type and normalising every supported format (tiny in-test files)."""
+"""compo.data.load: reading every file type and normalising every supported format (tiny in-test files)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from compo import readers as cdata
-from compo.data import LoadResult, load_rows, normalise_records, pairs_to_unpaired, read_records
-from compo.rows import DataError, PairRow, UnpairedRow
+from compo.data import readers as cdata
+from compo.data.load import LoadResult, load_rows, normalise_records, pairs_to_unpaired, read_records
+from compo.data.rows import DataError, PairRow, UnpairedRow
 
 HH_PROMPT = "\n\nHuman: Hi\n\nAssistant: Hello, how can I help?\n\nHuman: Tell me a joke\n\nAssistant:"
 CONV_PROMPT = (

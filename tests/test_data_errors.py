@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from compo import readers as cdata
-from compo.data import load_rows
-from compo.rows import DataError
+from compo.data import readers as cdata
+from compo.data.load import load_rows
+from compo.data.rows import DataError
 
 PAIRS = [{"prompt": f"Q{i} é", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(40)]
 JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS)

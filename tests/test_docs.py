@@ -7,7 +7,7 @@ A full run of every command would take minutes, so each command is checked dry, 
 starts: compo's own argument parser reads it (an unknown flag fails), its config file is loaded
 with its ``--set`` overrides and validated (a missing file, an unknown key, a bad value or a
 combination the validators refuse fails), ``compo study`` validates every cell, and where stage 2
-would run its oracles are checked as at start-up: built with ``compo.workspace.build_oracles``
+would run its oracles are checked as at start-up: built with ``compo.zo.oracles.build_oracles``
 (which runs ``check_estimator``: the projected estimator or a vocabulary support with a judge)
 when they can be built offline, otherwise ``check_estimator`` against the oracle's class.
 ``compo config`` commands print or convert configs only, so they run for real. No model is
@@ -235,9 +235,9 @@ def _offline(spec) -> bool:
 
 
 def check_stage2(cfg) -> None:
-    """Stage 2's start-up checks of its oracles (compo.workspace.build_oracles)."""
-    from compo.workspace import build_oracles
-    from compo.zo.step import check_estimator
+    """Stage 2's start-up checks of its oracles (compo.zo.oracles.build_oracles)."""
+    from compo.zo.oracles import build_oracles
+    from compo.zo.oracles import check_estimator
     from oracles.base import _REGISTRY, load_object
 
     if _offline(cfg.zo.oracle) and _offline(cfg.zo.accept_oracle):
@@ -264,7 +264,7 @@ def dry_run(argv: list[str], capsys) -> None:
         assert rc == 0, f"exit {rc}: {capsys.readouterr().err.strip()}"
         return
     if args.command == "study":
-        from compo.study import load_study
+        from compo.research.study import load_study
 
         _, cells = load_study(args.config, args.overrides, args.study_dir)
         for cfg in cells.values():

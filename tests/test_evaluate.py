@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from compo.evaluate import bootstrap_means, pair_values, preference_metrics, summarise, with_intervals
-from compo.logprobs import PairScores
+from compo.scoring.evaluate import bootstrap_means, pair_values, preference_metrics, summarise, with_intervals
+from compo.scoring.logprobs import PairScores
 
 
 def _s(c, r):

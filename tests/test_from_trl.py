@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compo import from_trl, trl_map
+from compo.interop import from_trl, trl_map
 from compo.cli import main
 from compo.config import ConfigError, load_config
 

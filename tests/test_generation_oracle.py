@@ -7,12 +7,12 @@ import warnings
 import pytest
 import torch
 
-from compo import toy
+from compo.data import toy
 from compo.config import ZOConfig
-from compo.encode import encode_rows
-from compo.models import untie_head
-from compo.errors import Paused
-from compo.rundir import RunDir, read_jsonl
+from compo.data.encode import encode_rows
+from compo.scoring.models import untie_head
+from compo.core.errors import Paused
+from compo.core.rundir import RunDir, read_jsonl
 from compo.zo.generate import GenerationSettings, HeadGenerator
 from compo.zo.perturb import PerturbationSource
 from compo.zo.trainer import ZOTrainer

@@ -172,7 +172,7 @@ def test_a_record_that_cannot_be_written_stops_the_judge(tmp_path, monkeypatch):
 
 
 def test_a_server_open_to_the_network_warns_once(tmp_path, capsys, monkeypatch):
-    from compo import progress
+    from compo.core import progress
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(progress._settings, "level", progress.QUIET)

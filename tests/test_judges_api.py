@@ -524,8 +524,8 @@ def _stage2(judge, toy_reference, toy_pairs, run_dir, accept_judge=None, **zo):
     import copy
 
     from compo.config import ZOConfig
-    from compo.encode import encode_rows
-    from compo.rundir import RunDir, read_jsonl
+    from compo.data.encode import encode_rows
+    from compo.core.rundir import RunDir, read_jsonl
     from compo.zo.trainer import ZOTrainer
     from oracles import GenerationOracle
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from compo import toy
+from compo.data import toy
 from test_judges_api import Act, FakeLLM, shown_texts
 
 M, CHUNK, PAIRS, STEPS = 12, 3, 2, 3
@@ -48,11 +48,11 @@ def quits_on_last_rank(after: int):
 def _worker(rank: int, world: int, rdzv: str, model_dir: str, out: str, base_url: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compo import commstats
+    from compo.core import commstats
     from compo.config import ToyDataConfig, ZOConfig
-    from compo.encode import encode_rows
-    from compo.errors import Paused
-    from compo.rundir import RunDir
+    from compo.data.encode import encode_rows
+    from compo.core.errors import Paused
+    from compo.core.rundir import RunDir
     from compo.zo.trainer import ZOTrainer
     from oracles import GenerationOracle
     from oracles.judges import OpenAIJudge

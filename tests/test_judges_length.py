@@ -54,7 +54,7 @@ def test_default_request_is_bounded_by_a_max_tokens_only_server(server):
 
 
 def test_max_completion_tokens_alone_is_ignored_and_the_overrun_reported(server, caplog, capsys, monkeypatch):
-    from compo import progress
+    from compo.core import progress
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(progress._settings, "level", progress.QUIET)  # warnings print even under --quiet

@@ -384,7 +384,7 @@ def test_human_judge_skip_tie_quit_and_bad_input(tmp_path, capsys, monkeypatch):
     assert (s["calls"], s["abstentions"]) == (2, 0)  # the quit returned no judgement to abstain with
 
     # resume: only the third pair is asked; the file tolerates a torn last line
-    from compo import progress
+    from compo.core import progress
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(progress._settings, "level", progress.QUIET)

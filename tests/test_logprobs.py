@@ -2,9 +2,9 @@
 
 import torch
 
-from compo.encode import collate, encode_rows
-from compo.logprobs import score_pairs, sequence_logps
-from compo.rows import PairRow
+from compo.data.encode import collate, encode_rows
+from compo.scoring.logprobs import score_pairs, sequence_logps
+from compo.data.rows import PairRow
 
 
 def _hand(model, prompt, completion):

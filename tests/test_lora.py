@@ -14,14 +14,15 @@ pytest.importorskip("peft")
 
 from peft import PeftModel  # noqa: E402
 
-from compo import checks, lora  # noqa: E402
+from compo.run import checks
+from compo.train import lora  # noqa: E402
 from compo.cli import main  # noqa: E402
 from compo.config import PeftConfig, load_config  # noqa: E402
-from compo.encode import encode_rows  # noqa: E402
-from compo.errors import CheckpointError, UserError  # noqa: E402
-from compo.logprobs import score_pairs  # noqa: E402
-from compo.rundir import RunDir, read_jsonl  # noqa: E402
-from compo.stage1 import Stage1Data, paired_objective, train_stage1  # noqa: E402
+from compo.data.encode import encode_rows  # noqa: E402
+from compo.core.errors import CheckpointError, UserError  # noqa: E402
+from compo.scoring.logprobs import score_pairs  # noqa: E402
+from compo.core.rundir import RunDir, read_jsonl  # noqa: E402
+from compo.train.stage1 import Stage1Data, paired_objective, train_stage1  # noqa: E402
 
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
          "zo.m=32", "zo.max_steps=3", "zo.checkpoint_every=2"]
@@ -144,7 +145,7 @@ def test_resume_from_an_adapter_checkpoint_is_bit_identical(tmp_path, toy_refere
     # a run killed after its step-2 checkpoint: stop at step 4 with checkpoints kept
     b, tok, cfg_b, data, _ = _setup(tmp_path / "b", toy_reference, toy_pairs, 4, "stage1.save_steps=2")
     run_b = RunDir(tmp_path / "b")
-    import compo.stage1 as s1
+    import compo.train.stage1 as s1
 
     with monkeypatch.context() as m:
         m.setattr(s1.RunDir, "drop_checkpoints", lambda self, name: None)
@@ -252,7 +253,7 @@ def test_kto_with_lora_trains_the_adapters_and_saves_a_merged_model(tmp_path, ca
 
 
 def test_lora_under_fsdp_or_deepspeed_is_refused_before_any_work(monkeypatch):
-    from compo.errors import UserError
+    from compo.core.errors import UserError
 
     cfg = load_config(None, ["stage1.peft.r=4"])
     lora.check_available(cfg)  # DDP / one process: fine

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from compo.losses import (
+from compo.train.losses import (
     RewardShift,
     bco_loss,
     bco_rewards,

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from compo import noise
+from compo.data import noise
 from compo.cli import main
-from compo.rows import PairRow, UnpairedRow
-from compo.rundir import read_jsonl
+from compo.data.rows import PairRow, UnpairedRow
+from compo.core.rundir import read_jsonl
 
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "data.toy.noise=0"]
 

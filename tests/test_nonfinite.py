@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from compo.errors import Diverged
-from compo.rundir import RunDir, atomic_write_json, write_jsonl
-from compo.stage1 import save_model
-from compo.workspace import STAGE_FILE
+from compo.core.errors import Diverged
+from compo.core.rundir import RunDir, atomic_write_json, write_jsonl
+from compo.train.stage1 import save_model
+from compo.core.files import STAGE_FILE
 from compo.zo.estimator import dtype_overflow, fits_dtype
 
 NAN, INF = float("nan"), float("inf")

@@ -1,4 +1,4 @@
-"""compo.oasst: OpenAssistant message trees -> ranked pairs and emoji thumbs rows (hand-written trees)."""
+"""compo.data.oasst: OpenAssistant message trees -> ranked pairs and emoji thumbs rows (hand-written trees)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from compo.data import load_rows
-from compo.encode import encode_rows
-from compo.oasst import TreeError, is_tree, tree_pairs, tree_thumbs
-from compo.rows import DataError, PairRow, UnpairedRow
+from compo.data.load import load_rows
+from compo.data.encode import encode_rows
+from compo.data.oasst import TreeError, is_tree, tree_pairs, tree_thumbs
+from compo.data.rows import DataError, PairRow, UnpairedRow
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "oasst-en_100_tree.jsonl"
 

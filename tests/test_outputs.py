@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from compo import faults
+from compo.core import faults
 from compo.cli import main
 from oracles.judges.base import JudgeQuit
 from oracles.likelihood import LikelihoodOracle

@@ -5,10 +5,10 @@ that refuses a model ignoring 4D masks or position ids."""
 import pytest
 import torch
 
-from compo.encode import Encoded
-from compo.errors import UserError
-from compo.logprobs import check_shared_prompt, pair_logps, score_pairs, shared_prompt_error
-from compo.pair_batch import shared_batch, two_row_batch
+from compo.data.encode import Encoded
+from compo.core.errors import UserError
+from compo.scoring.logprobs import check_shared_prompt, pair_logps, score_pairs, shared_prompt_error
+from compo.data.pair_batch import shared_batch, two_row_batch
 from compo.zo.head import capture
 
 ITEMS = [Encoded(0, [2, 7, 9], ([11, 12, 3], [13, 3])), Encoded(1, [2, 5], ([14, 15, 16, 17, 3], [18, 19, 3])),
@@ -116,7 +116,7 @@ def test_a_model_that_ignores_the_mask_or_positions_is_refused(toy_reference, dr
 
 def test_the_pipeline_splits_the_same_pairs_with_either_layout(tmp_path, capsys):
     from compo.cli import main
-    from compo.rundir import read_jsonl
+    from compo.core.rundir import read_jsonl
 
     sets = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",
             "zo.m=32", "zo.max_steps=2"]

@@ -153,7 +153,7 @@ def test_fused_philox_candidates_match_draw_then_evaluate(threads):
 def test_a_run_recorded_before_zo_rng_existed_resumes_with_torch_s_stream_only():
     """Such a run drew from torch's stream (the only one then), whatever today's default."""
     from compo.config import RunConfig
-    from compo.fingerprint import current, differences
+    from compo.core.fingerprint import current, differences
 
     now = current(RunConfig(), "stage2")
     assert now["zo.rng"] == "philox"
@@ -184,7 +184,7 @@ def test_a_cuda_gpu_draws_the_cpu_kernels_numbers_bit_for_bit():
 def test_philox_on_mps_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
-    from compo import models
+    from compo.scoring import models
     from compo.cli import main
 
     monkeypatch.setattr(models, "check_device", lambda name: torch.device("mps"))  # an MPS machine

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from compo import plots
+from compo.research import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from compo import progress
-from compo.progress import LineBar
-from compo.summary_table import final_line, grid, summary_lines, table
+from compo.core import progress
+from compo.core.progress import LineBar
+from compo.run.summary_table import final_line, grid, summary_lines, table
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40", "stage1.epochs=1",

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compo import faults
+from compo.core import faults
 from compo.cli import main
-from compo.rundir import read_jsonl
+from compo.core.rundir import read_jsonl
 from compo.zo.estimator import fits_dtype
 from test_nonfinite import strict_loads
 
@@ -241,7 +241,7 @@ def test_a_spent_budget_pauses_and_resume_with_more_loses_and_repeats_nothing(ju
 
 
 def test_budget_limits_are_not_part_of_the_fingerprint(judge_server, tmp_path):
-    from compo import fingerprint
+    from compo.core import fingerprint
     from compo.config import load_config
 
     a = load_config("tests/tiny.yaml", _judge_args(judge_server, tmp_path / "a.sqlite", 5))
@@ -253,7 +253,7 @@ def test_budget_limits_are_not_part_of_the_fingerprint(judge_server, tmp_path):
 
 
 def test_leftovers_of_interrupted_writes_are_cleaned_or_restored(tmp_path):
-    from compo.rundir import RunDir
+    from compo.core.rundir import RunDir
 
     run = RunDir(tmp_path)
     (tmp_path / ".split.jsonl.abc.tmp").write_text("half")

@@ -1,6 +1,6 @@
 import torch
 
-from compo.split import histogram, noisy_mask, summarize
+from compo.scoring.split import histogram, noisy_mask, summarize
 
 M = torch.tensor([-5.0, -2.9, -0.5, 0.0, 0.4, 2.99, 3.0, 7.0])
 

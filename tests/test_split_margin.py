@@ -7,8 +7,8 @@ import torch
 
 from compo.cli import main
 from compo.config import load_config
-from compo.split import calibration, calibration_text, margins_of
-from compo.workspace import load_data
+from compo.scoring.split import calibration, calibration_text, margins_of
+from compo.run.workspace import load_data
 
 SMALL = ["data.toy.n_train=96", "data.toy.n_eval=32", "model.toy.sft_steps=40"]
 

@@ -6,11 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compo.config import load_config
-from compo.encode import encode_rows
-from compo.logprobs import score_pairs
-from compo.losses import dpo_loss
-from compo.rundir import RunDir, read_jsonl
-from compo.stage1 import Stage1Data, paired_objective, step_rows, train_stage1
+from compo.data.encode import encode_rows
+from compo.scoring.logprobs import score_pairs
+from compo.train.losses import dpo_loss
+from compo.core.rundir import RunDir, read_jsonl
+from compo.train.stage1 import Stage1Data, paired_objective, step_rows, train_stage1
 
 
 def test_dpo_values_by_hand():
@@ -61,7 +61,7 @@ def test_resume_after_checkpoint_gives_identical_weights(tmp_path, toy_reference
     cfg_b.stage1.save_steps = 2
     # a first run that stops at step 4 leaves a checkpoint at step 2 ... simulate the kill by
     # keeping the step-2 checkpoint and resuming with the full schedule
-    import compo.stage1 as s1
+    import compo.train.stage1 as s1
     orig = s1.shutil.rmtree
     s1.shutil.rmtree = lambda *a_, **k_: None  # keep checkpoints of the 'killed' run
     try:

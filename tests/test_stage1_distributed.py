@@ -71,8 +71,8 @@ def test_resume_with_another_number_of_processes(before, after, uninterrupted, t
 
 
 def test_a_step_that_the_processes_cannot_share_is_refused():
-    from compo.errors import UserError
-    from compo.stage1_dist import check_rows
+    from compo.core.errors import UserError
+    from compo.train.stage1_dist import check_rows
 
     assert check_rows("ckpt", 16, 4, 2) == 2 and check_rows("ckpt", 16, 4, 4) == 1
     with pytest.raises(UserError, match="16 rows \\(4 micro-batches .* which 3 processes cannot share evenly; "

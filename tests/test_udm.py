@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from compo.udm import TransformerEmbedder, UDMClassifier, find_minilm, fit_udm
+from compo.train.udm import TransformerEmbedder, UDMClassifier, find_minilm, fit_udm
 
 
 def test_weights_known_coefficients():

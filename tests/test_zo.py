@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compo.config import ZOConfig
-from compo.encode import encode_rows
-from compo.models import untie_head
-from compo.rundir import RunDir
+from compo.data.encode import encode_rows
+from compo.scoring.models import untie_head
+from compo.core.rundir import RunDir
 from compo.zo.estimator import normalise, proposed_head, skip_reason, sparsify
 from compo.zo.head import base_logits, candidate_logps, capture, logits_logps
 from compo.zo.perturb import PerturbationSource, perturbation_seed
@@ -56,7 +56,7 @@ def test_perturbations_are_pure_functions_of_seed_step_index():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_cached_head_equals_full_forward_with_perturbed_head(tied, toy_tokenizer, toy_pairs):
-    from compo import toy
+    from compo.data import toy
     from compo.config import ToyModelConfig
 
     model = toy.build_model(ToyModelConfig(hidden_size=32), len(toy_tokenizer), seed=1)

@@ -14,10 +14,10 @@ from compo.config import ZOConfig
 def _worker(rank: int, world: int, rdzv: str, model_dir: str, out: str, support: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compo import toy
+    from compo.data import toy
     from compo.config import ToyDataConfig
-    from compo.encode import encode_rows
-    from compo.rundir import RunDir
+    from compo.data.encode import encode_rows
+    from compo.core.rundir import RunDir
     from compo.zo.trainer import ZOTrainer
     from oracles import LikelihoodOracle
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from compo.config import ZOConfig
-from compo.encode import encode_rows
-from compo.models import untie_head
+from compo.data.encode import encode_rows
+from compo.scoring.models import untie_head
 from compo.zo.head import base_logits, capture, logits_logps, self_check, self_check_tolerance
 from compo.zo.trainer import CHECK_ATOL_PER_TOKEN, ZOTrainer
 from oracles import LikelihoodOracle

@@ -142,7 +142,7 @@ def test_trainer_steps_are_the_same_fused_or_drawn_then_evaluated(toy_reference,
     import copy
 
     from compo.config import ZOConfig
-    from compo.encode import encode_rows
+    from compo.data.encode import encode_rows
     from compo.zo import step as zt
     from compo.zo.trainer import ZOTrainer
     from oracles import LikelihoodOracle

@@ -5,7 +5,7 @@ import copy
 import torch
 
 from compo.config import ZOConfig
-from compo.encode import encode_rows
+from compo.data.encode import encode_rows
 from compo.zo import monitor
 from compo.zo.estimator import agreement_skip_reason, binomial_critical
 from compo.zo.trainer import ZOTrainer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compo.config import ZOConfig
-from compo.encode import encode_rows
+from compo.data.encode import encode_rows
 from compo.zo.estimator import signal_cosine, signal_mu2
 from compo.zo.head import capture, head_logps
 from compo.zo.trainer import ZOTrainer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compo.config import ZOConfig
-from compo.encode import encode_rows
+from compo.data.encode import encode_rows
 from compo.zo.estimator import all_finite, proposed_head, sparsify, top_indices
 from compo.zo.head import (
     HeadInputs, base_logits, base_logps, candidate_logps, capture, chunk_size, logits_logps, shift_rows, tiled_logps,
@@ -124,7 +124,7 @@ def test_the_trainer_evaluates_candidates_the_plain_way(toy_reference, toy_pairs
 
 
 def test_sequence_sums_match_index_add_in_any_token_order():
-    from compo.logprobs import seq_sums, slots_of
+    from compo.scoring.logprobs import seq_sums, slots_of
 
     gen = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 5, (40,), generator=gen)  # unsorted; sequence 4 may be empty
@@ -142,7 +142,7 @@ def test_sequence_sums_match_index_add_in_any_token_order():
 def test_a_non_finite_head_stops_the_step_as_diverged(toy_reference, toy_pairs):
     """The base log-probs go through the max-free path, which returns None when not finite:
     the step must still end in Diverged (exit code for a diverged run), not a TypeError."""
-    from compo.errors import Diverged
+    from compo.core.errors import Diverged
 
     model, tok = copy.deepcopy(toy_reference[0]), toy_reference[1]
     enc = encode_rows(toy_pairs[0][:1], tok, 32, 16)

@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from compo.config import ZOConfig
-from compo.encode import Encoded
-from compo.errors import UserError
+from compo.data.encode import Encoded
+from compo.core.errors import UserError
 from compo.zo.estimator import normalise, sparsify
 from compo.zo.head import HeadInputs, candidate_logps, capture, head_logps, shift_rows
 from compo.zo.perturb import PerturbationSource
@@ -235,7 +235,7 @@ def test_logged_signal_is_the_first_order_cosine_and_supports_raise_it():
 
 
 def test_judges_cannot_use_a_support():
-    from compo.zo.step import check_estimator
+    from compo.zo.oracles import check_estimator
 
     judge = SimpleNamespace(needs=__import__("oracles.base", fromlist=["Evidence"]).Evidence.GENERATIONS, name="j")
     with pytest.raises(UserError, match="zo.support: zo.support=topk needs an oracle"):
@@ -253,7 +253,7 @@ def test_a_killed_support_run_resumes_bit_identically(tmp_path):
     import sys
     from pathlib import Path
 
-    from compo.rundir import read_jsonl
+    from compo.core.rundir import read_jsonl
 
     root = Path(__file__).resolve().parent.parent
     sets = ["data.toy.n_train=64", "data.toy.n_eval=16", "model.toy.sft_steps=20", "stage1.enabled=false",

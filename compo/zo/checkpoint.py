@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from compo import faults
-from compo.rundir import atomic_save_dir, atomic_write_json, read_json
+from compo.core import faults
+from compo.core.rundir import atomic_save_dir, atomic_write_json, read_json
 
 
 def save_head(ckpt_dir: Path, w: torch.Tensor, step: int, seed: int, totals: dict, m: int, radius: float) -> None:
@@ -24,7 +24,7 @@ def save_head(ckpt_dir: Path, w: torch.Tensor, step: int, seed: int, totals: dic
 
 def load_head(ckpt_dir: Path, shape: tuple[int, ...], total: int) -> tuple[int, dict, torch.Tensor]:
     """(step, totals, fp32 head) from ``ckpt_dir``, checking the step range, the shape and the values."""
-    from compo.checks import ZO_STATE_KEYS, check_head_file, check_step
+    from compo.core.files import ZO_STATE_KEYS, check_head_file, check_step
 
     state = read_json(ckpt_dir / "state.json", required=ZO_STATE_KEYS)
     step = check_step(ckpt_dir / "state.json", state["step"], 0, total, "stage-2")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compo.encode import collate
-from compo.logprobs import position_ids_from_mask
+from compo.data.encode import collate
+from compo.scoring.logprobs import position_ids_from_mask
 from compo.zo.perturb import perturbation_seed
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compo.logprobs import check_shared_prompt, pair_batch, pair_logps, seq_sums, slots_of
+from compo.scoring.logprobs import check_shared_prompt, pair_batch, pair_logps, seq_sums, slots_of
 
 
 @dataclass

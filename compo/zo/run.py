@@ -7,10 +7,10 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from compo import faults
-from compo.logprobs import PairScores, score_pairs
-from compo.progress import say
-from compo.split import margins_of, noisy_mask
+from compo.core import faults
+from compo.scoring.logprobs import PairScores, score_pairs
+from compo.core.progress import say
+from compo.scoring.split import margins_of, noisy_mask
 from compo.zo.track import first_steps
 
 
@@ -47,7 +47,7 @@ def step_diagnostics(run) -> dict:
     support's size and first-order energy, the share of votes agreeing with the rest (1/2
     without signal; when counted), the
     share of the direction's energy the sparsity rule kept (taken steps)."""
-    from compo.rundir import read_jsonl
+    from compo.core.rundir import read_jsonl
 
     recs = [r for r in read_jsonl(run.metrics) if r.get("stage") == "stage2"] if run.metrics.exists() else []
     taken = [r for r in recs if not r.get("skipped")]
@@ -89,13 +89,13 @@ def run_stage2(ws, split, resume: bool = False) -> dict:
     """Stage 2 on the noisy pairs of ``split``; under torchrun the m perturbations of each step
     are shared out across processes and only votes travel (the result does not depend on the
     number of processes). A pause (judge budget spent, human quit) keeps model/ as it was,
-    records why in summary.json and raises :class:`~compo.errors.Paused`."""
-    from compo import fingerprint
-    from compo.dist import init_distributed, world_info
-    from compo.errors import Paused, UserError
-    from compo.stage1 import save_model
+    records why in summary.json and raises :class:`~compo.core.errors.Paused`."""
+    from compo.core import fingerprint
+    from compo.core.dist import init_distributed, world_info
+    from compo.core.errors import Paused, UserError
+    from compo.train.stage1 import save_model
     from compo.zo.trainer import ZOTrainer
-    from compo.workspace import build_oracles
+    from compo.zo.oracles import build_oracles
 
     init_distributed()
 

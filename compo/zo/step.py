@@ -10,11 +10,11 @@ from typing import Sequence
 
 import torch
 
-from compo import faults
-from compo.config import ZOConfig
-from compo.dist import Ranks, all_gather_votes, all_reduce_sum, broadcast_votes, comm_device, world_info
-from compo.errors import Diverged, UserError
-from compo.models import untie_head
+from compo.core import faults
+from compo.core.config import ZOConfig
+from compo.core.dist import Ranks, all_gather_votes, all_reduce_sum, broadcast_votes, comm_device, world_info
+from compo.core.errors import Diverged
+from compo.scoring.models import untie_head
 from compo.zo.estimator import (
     agreement_record, agreement_skip_reason, agreements, all_finite, dtype_overflow, normalise, proposed_head,
     signal_cosine, signal_mu2, skip_reason, sparsify, update_record,
@@ -25,24 +25,13 @@ from compo.zo.head import (
     shift_rows, vocab_tile,
 )
 from compo.zo.perturb import PerturbationSource
+from compo.zo.oracles import check_estimator
 from compo.zo.support import StepSpace, first_order, scatter_rows, step_space
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.generation import GenerationOracle
 from oracles.judges.base import JudgeQuit
 
 CHECK_ATOL_PER_TOKEN = 2e-3  # self-check floor (fp32); bf16/fp16 scale up: head.self_check_tolerance
-
-
-def check_estimator(cfg: ZOConfig, oracle: Oracle) -> None:
-    """The projected estimator and a vocabulary support are exact only for oracles that vote on
-    fixed pairs' log-probs (a judge's candidates generate text over the whole vocabulary)."""
-    if cfg.estimator == "projected" and oracle.needs != Evidence.LOGPROBS:
-        raise UserError("zo.estimator", "zo.estimator=projected is exact only for likelihood oracles on fixed "
-                        f"pairs; oracle '{oracle.name}' judges generated text: use zo.estimator=full")
-    if cfg.support != "all" and oracle.needs != Evidence.LOGPROBS:
-        raise UserError("zo.support", f"zo.support={cfg.support} needs an oracle that votes on fixed pairs' "
-                        f"log-probs; oracle '{oracle.name}' judges generated text, which candidates may write "
-                        "with any token: use zo.support=all (docs/zo_support.md)")
 
 
 class BudgetSpent(JudgeQuit):

@@ -10,14 +10,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from compo import faults
-from compo.dist import world_info
-from compo.errors import Paused
-from compo.progress import bar as progress_bar, say, warn
-from compo.rundir import RunDir
+from compo.core import faults
+from compo.core.dist import world_info
+from compo.core.errors import Paused
+from compo.core.progress import bar as progress_bar, say, warn
+from compo.core.rundir import RunDir
 from compo.zo.checkpoint import load_head, save_head
 from compo.zo.monitor import new_state, observe
-from compo.zo.step import CHECK_ATOL_PER_TOKEN, BudgetSpent, ZOStep, check_estimator  # noqa: F401 (public names)
+from compo.zo.oracles import check_estimator  # noqa: F401 (a public name)
+from compo.zo.step import CHECK_ATOL_PER_TOKEN, BudgetSpent, ZOStep  # noqa: F401 (public names)
 from oracles.judges.base import JudgeQuit
 
 LARGE_UPDATE = 0.1  # warn once when a step moves the head by more than this fraction of its norm

@@ -24,7 +24,7 @@ What every API judge guarantees:
   cached), then :class:`~oracles.judges.base.JudgeError` is raised. Other 4xx abstain.
 * A reply longer than ``max_output_tokens`` (the server ignored the length field) counts as
   ``length_overruns`` and is warned about once per judge (logger ``oracles.judges.api``;
-  :mod:`compo.progress` prints its warnings as ``warning: ...``).
+  :mod:`compo.core.progress` prints its warnings as ``warning: ...``).
 * The API key comes only from an environment variable or a key file. It is never logged,
   never part of ``repr``/``str``, never a cache key and never written to any file (replies
   and error messages that echo it are redacted before they are logged or stored).

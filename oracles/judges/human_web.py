@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from os import PathLike
 from typing import Any, TextIO
 
-from compo.errors import UserError
+from compo.core.errors import UserError
 from oracles.judges.base import JudgeError, JudgeQuit, register_judge
 from oracles.judges.human_page import PAGE
 from oracles.judges.human_record import ANSWERS, Question, RecordedHumanJudge

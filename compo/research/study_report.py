@@ -1,0 +1,199 @@
+"""A study's numbers: per-cell metrics with intervals, study.csv, study.md and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from pathlib import Path
+
+
+from compo.core.config import RunConfig
+from compo.scoring.evaluate import paired_differences, pair_values, summarise
+from compo.scoring.logprobs import PairScores
+from compo.core.rundir import atomic_write_text, read_json, read_jsonl
+
+#: two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); normal beyond
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+SPLIT_KEYS = ("n_clean", "n_noisy", "label_correct/noisy", "label_correct/clean", "wrong_labels_in_noisy")
+EFFECT_KEYS = ("accuracy", "shift/chosen", "shift/rejected")
+STAGE2_KEYS = ("steps", "steps_taken", "mean_frac_minus", "noisy/shift_chosen", "noisy/shift_rejected",
+               "noisy_untrained/shift_chosen", "noisy_untrained/shift_rejected")
+
+
+def tracks_of(metrics_path: Path) -> list[dict]:
+    """Per tracked pair: its stage-2 log-probs per step (from metrics.jsonl, zo.track_pairs)."""
+    if not metrics_path.exists():
+        return []
+    recs = [r for r in read_jsonl(metrics_path) if r.get("stage") == "stage2" and "tracked" in r]
+    first = next((r for r in recs if "tracked_pairs" in r), None)
+    if first is None:
+        return []
+    out = []
+    for j, info in enumerate(first["tracked_pairs"]):
+        start = first["tracked_start"][j]
+        steps = [0] + [r["step"] for r in recs]
+        out.append({"source": info["source"], "trained": info["trained_at"] is not None, "steps": steps,
+                    "chosen": [start[0]] + [r["tracked"][j][0] for r in recs],
+                    "rejected": [start[1]] + [r["tracked"][j][1] for r in recs]})
+    return out
+
+
+def cell_metrics(run_dir: Path, stage: str, cfg: RunConfig) -> dict:
+    """Held-out metrics of a finished run's ``stage`` against the reference, with intervals."""
+    saved = read_json(run_dir / "eval_scores.json", required=("reference", stage))
+    ref, fin = PairScores.from_json(saved["reference"]), PairScores.from_json(saved[stage])
+    vals = pair_values(fin, ref, cfg.stage1.beta)
+    margins = {"reference": (ref.chosen - ref.rejected).tolist(), "final": vals.pop("margin").tolist()}
+    summary = read_json(run_dir / "summary.json")
+    split = {k: summary.get("split", {}).get(k) for k in SPLIT_KEYS}
+    stage2 = {k: summary.get("stage2", {}).get(k) for k in STAGE2_KEYS} if stage == "stage2" else {}
+    out = {"stage": stage, "metrics": summarise(vals, cfg.eval.bootstrap, cfg.eval.level, cfg.seed),
+           "split": split, "stage2": stage2, "margins": margins,
+           "tracks": tracks_of(run_dir / "metrics.jsonl") if stage == "stage2" else []}
+    if stage == "stage2" and "stage1" in saved:
+        out["stage2_effect"] = stage2_effect(PairScores.from_json(saved["stage1"]), fin, ref, cfg)
+    return out
+
+
+def stage2_effect(before: PairScores, after: PairScores, ref: PairScores, cfg: RunConfig) -> dict:
+    """Stage 2's own effect: after stage 2 minus after stage 1 per held-out pair, with intervals."""
+    return summarise(paired_differences(before, after, ref, cfg.stage1.beta), cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
+
+
+def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
+    """(method, noise, metric) rows: mean over seeds with a t interval, or with one seed the
+    run's own bootstrap interval."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        for m in metrics:
+            if m in r["metrics"]:
+                groups.setdefault((r["method"], r["noise"], m), []).append(r["metrics"][m])
+    rows = []
+    for (method, noise, metric), vals in groups.items():
+        xs = [v["value"] for v in vals if v["value"] is not None and math.isfinite(v["value"])]
+        if len(xs) >= 2:
+            mean = sum(xs) / len(xs)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+            half = T975.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+            lo, hi = mean - half, mean + half
+        else:
+            mean = xs[0] if xs else math.nan
+            lo, hi = vals[0]["ci_low"], vals[0]["ci_high"]
+        rows.append({"method": method, "noise": noise, "metric": metric, "mean": mean, "ci_low": lo,
+                     "ci_high": hi, "n": len(xs)})
+    return rows
+
+
+def _csv(results: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["cell", "method", "noise", "seed", "metric", "value", "ci_low", "ci_high", "n"])
+    for r in results:
+        for name, m in r["metrics"].items():
+            w.writerow([r["cell"], r["method"], r["noise"], r["seed"], name, m["value"], m["ci_low"], m["ci_high"], m["n"]])
+    return buf.getvalue()
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def markdown(study, results: list[dict], rows: list[dict]) -> str:
+    """study.md: one table per metric (methods x noise rates, mean [interval]) and the split's
+    label quality per noise rate."""
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    rates = sorted(dict.fromkeys(r["noise"] for r in results))
+    seeds = sorted(dict.fromkeys(r["seed"] for r in results))
+    by = {(r["method"], r["noise"], r["metric"]): r for r in rows}
+    ci = "95% t interval over seeds" if len(seeds) > 1 else "bootstrap interval over held-out pairs (eval.level)"
+    out = [f"# Noise study: {study.noise_kind} noise ({study.noise_bias}), seeds {seeds}", "",
+           f"Each cell: mean [{ci}]; `n` = seeds. Labels are scored against the original (un-noised) labels.", ""]
+    for metric in study.metrics:
+        out += [f"## {metric}", "", "| method | " + " | ".join(f"noise {r:g}" for r in rates) + " |",
+                "|---|" + "---|" * len(rates)]
+        for m in methods:
+            cells = []
+            for rate in rates:
+                row = by.get((m, rate, metric))
+                cells.append("" if row is None else f"{_num(row['mean'])} [{_num(row['ci_low'])}, {_num(row['ci_high'])}]")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    effects = [dict(r, metrics=r["stage2_effect"]) for r in results if r.get("stage2_effect")]
+    if effects:
+        erows = {(e["method"], e["noise"], e["metric"]): e for e in aggregate(effects, list(EFFECT_KEYS))}
+        out += ["## Stage 2's own effect (after stage 2 minus after stage 1, same held-out pairs, paired interval)", "",
+                "| method | noise | " + " | ".join(f"delta {k}" for k in EFFECT_KEYS) + " |",
+                "|---|---|" + "---|" * len(EFFECT_KEYS)]
+        for m in dict.fromkeys(e["method"] for e in effects):
+            for rate in rates:
+                cells = [erows.get((m, rate, k)) for k in EFFECT_KEYS]
+                if any(cells):
+                    out.append(f"| {m} | {rate:g} | " + " | ".join(
+                        "" if c is None else f"{_num(c['mean'], 4)} [{_num(c['ci_low'], 4)}, {_num(c['ci_high'], 4)}]"
+                        for c in cells) + " |")
+        out.append("")
+    out += ["## Split quality (share of correct labels among noisy vs clean pairs)", "",
+            "| noise | seed | n_noisy | n_clean | correct (noisy) | correct (clean) | wrong labels in noisy |", "|---|---|---|---|---|---|---|"]
+    seen = set()
+    for r in results:
+        key = (r["noise"], r["seed"])
+        if key in seen:
+            continue
+        seen.add(key)
+        s = r["split"]
+        out.append(f"| {r['noise']:g} | {r['seed']} | {s.get('n_noisy')} | {s.get('n_clean')} | "
+                   f"{_num(s.get('label_correct/noisy'))} | {_num(s.get('label_correct/clean'))} | "
+                   f"{_num(s.get('wrong_labels_in_noisy'))} |")
+    return "\n".join(out) + "\n"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", s).strip("_")
+
+
+def write_plots(root: Path, study, results: list[dict], rows: list[dict]) -> list[Path]:
+    """metric vs noise per method; held-out margins before/after per noise rate (first seed);
+    stage-2 log-prob trajectories of tracked noisy pairs per stage-2 cell (first seed)."""
+    from compo.research.plots import plot_margin_histograms, plot_metric_vs_noise, plot_trajectories
+
+    plots = root / "plots"
+    out = [plot_metric_vs_noise(rows, m, plots / f"{_slug(m)}_vs_noise.png") for m in study.metrics]
+    seed0 = min(r["seed"] for r in results)
+    for rate in sorted({r["noise"] for r in results}):
+        cells = [r for r in results if r["noise"] == rate and r["seed"] == seed0]
+        margins = {"reference": cells[0]["margins"]["reference"]}
+        margins.update({r["method"]: r["margins"]["final"] for r in cells})
+        out.append(plot_margin_histograms(margins, plots / f"margins_noise{rate:g}.png",
+                                          f"held-out margins, noise {rate:g} (seed {seed0})"))
+        for r in cells:
+            if r["stage"] == "stage2":
+                out.append(plot_trajectories(r["tracks"], plots / f"trajectories_{_slug(r['method'])}_noise{rate:g}.png",
+                                             f"{r['method']}: tracked noisy pairs during stage 2 (noise {rate:g})"))
+    return out
+
+
+def write_report(root: Path, study, results: list[dict], say=print) -> dict:
+    """study.csv (one row per cell and metric), study.md and plots/*.png."""
+    rows = aggregate(results, study.metrics)
+    atomic_write_text(root / "study.csv", _csv(results))
+    atomic_write_text(root / "study.md", markdown(study, results, rows))
+    plots = write_plots(root, study, results, rows)
+    say(f"study: wrote {root / 'study.csv'}, {root / 'study.md'} and {len(plots)} plots in {root / 'plots'}")
+    for r in rows:
+        if r["metric"] == study.metrics[0]:
+            say(f"  {r['method']:18s} noise {r['noise']:<5g} {r['metric']} = {_num(r['mean'])} "
+                f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]  (n={r['n']})")
+    effects = [dict(r, metrics=r["stage2_effect"]) for r in results if r.get("stage2_effect")]
+    for e in aggregate(effects, ["accuracy"]):
+        seeds = [r for r in effects if (r["method"], r["noise"]) == (e["method"], e["noise"])]
+        if e["n"] > 1:  # each seed's paired interval, then the mean with its t interval over seeds
+            for r in seeds:
+                v = r["metrics"]["accuracy"]
+                say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}, seed {r['seed']}: accuracy "
+                    f"{100 * v['value']:+.2f} pts [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]")
+        over = f", mean of {e['n']} seeds" if e["n"] > 1 else ""
+        say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}{over}: accuracy {100 * e['mean']:+.2f} pts "
+            f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]")
+    return {"rows": rows, "plots": plots}
