@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -107,8 +107,17 @@ class GenerationOracle(Oracle):
         self._summed: dict[str, int] = {}  # judge counters summed over ranks by settle(), until stats()
 
     def compare(self, batch: OracleBatch) -> torch.Tensor:
-        self.collect(batch, 0)
-        return self.settle(batch.n_candidates, len(batch.prompts))
+        return self.vote([(batch, 0)], batch.n_candidates, len(batch.prompts))
+
+    def vote(self, batches: Iterable[tuple[OracleBatch, int]], n_candidates: int, n_prompts: int,
+             group: RankGroup | None = None) -> torch.Tensor:
+        """One round: (batch, its first candidate's index) pairs, generated as they come (a lazy
+        iterable may reuse its perturbation buffer between batches), then every question judged
+        at once; (n_candidates,) votes. With ``group`` every rank calls it once a round, each with
+        its own batches, and every rank gets every vote (:meth:`settle`)."""
+        for batch, first in batches:
+            self.collect(batch, first)
+        return self.settle(n_candidates, n_prompts, group)
 
     def collect(self, batch: OracleBatch, first: int) -> None:
         """Generate the responses of candidates ``first .. first + n - 1`` and keep their questions."""

@@ -113,7 +113,7 @@ def test_judge_server_dies_halfway(setup, tmp_path, monkeypatch):
     try:
         cache = tmp_path / "judge.sqlite"
         judge = OpenAIJudge("judge-model", base_url=srv.base_url, api_key_env="COMPO_TEST_KEY", cache_path=str(cache),
-                            timeout=2, max_retries=1, retry_initial=0.01, retry_max_wait=0.02, max_concurrency=2)
+                            timeout=20, max_retries=1, retry_initial=0.01, retry_max_wait=0.02, max_concurrency=2)
         oracle = build_oracle("generation", judge=judge, max_new_tokens=4)
         run = RunDir(tmp_path / "run")
         totals = ZOTrainer(model, _cfg(), 0, oracle, pad_id=0, tokenizer=tok).train(items, texts, run, progress=False)

@@ -157,16 +157,17 @@ class ZOStep:
         u = self._buffer("u", v * width).view(v, width).zero_()  # fp32
         votes = torch.zeros(cfg.m, dtype=torch.int8)
         world, rank = world_info()
-        # a generation oracle hears the whole step's questions at once (settle), collectively
-        # across ranks: each distinct question asked by one rank, every rank gets every vote
+        # a generation oracle hears the whole step's questions in one call, collectively across
+        # ranks: each distinct question asked by one rank, every rank gets every vote
         deferred = isinstance(self.oracle, GenerationOracle)
         tile = vocab_tile(device, sp.hz.shape[0], v)
         # CPU likelihood oracles: each candidate drawn and evaluated by one thread, tile by tile (fused.py)
         fused = bool(tile) and not deferred and self.oracle.needs == Evidence.LOGPROBS and worth_fusing(v, width)
+        mine = [idx for k, idx in enumerate(draws.chunks) if k % world == rank]
         t1 = time.perf_counter()
-        for k, idx in enumerate(draws.chunks):
-            if k % world != rank:
-                continue
+        if deferred:
+            votes = self._vote_generated(t, items, texts, sp, draws, mine).to(torch.int8).cpu()
+        for idx in mine if not deferred else ():
             if fused:
                 cand, s = fused_logps(source, t, list(idx), draws.buf, sp.base, sp.hz, sp.inp, tile, matmul_dtype,
                                       sp.lse_out)
@@ -175,17 +176,11 @@ class ZOStep:
             else:
                 z = source.draw(t, idx, out=draws.buf)
                 s = source.scales(z)
-                if deferred:
-                    self.oracle.collect(self._generation_batch(t, items, texts, sp.base_lp, z, s, list(idx)), idx.start)
-                    continue
                 y = self._ask(self.oracle, t, items, texts, sp, z, s, list(idx), matmul_dtype)
             votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
             if world == 1:
                 self._accumulate(u, votes, idx, z, s)
-        if deferred:
-            votes = self.oracle.settle(cfg.m, len(items), Ranks(world, rank, device) if world > 1 else None)
-            votes = votes.to(torch.int8).cpu()
-        elif world > 1:
+        if world > 1 and not deferred:
             votes = all_gather_votes(votes, device)
         if world > 1 or deferred:
             # only votes travel; every rank regenerates z from seeds and sums u in the canonical
@@ -194,6 +189,19 @@ class ZOStep:
                 z = source.draw(t, idx, out=draws.buf)
                 self._accumulate(u, votes, idx, z, source.scales(z))
         return votes, u, time.perf_counter() - t1, draws
+
+    def _vote_generated(self, t: int, items, texts, sp: StepSpace, draws: Draws, mine: list[range]) -> torch.Tensor:
+        """A generation oracle's m votes in one call: this rank's chunks, each drawn just before
+        its candidates generate (the draws share one buffer), then judged together."""
+        world, rank = world_info()
+
+        def batches():
+            for idx in mine:
+                z = draws.source.draw(t, idx, out=draws.buf)
+                yield self._generation_batch(t, items, texts, sp.base_lp, z, draws.source.scales(z), list(idx)), idx.start
+
+        group = Ranks(world, rank, self.w.device) if world > 1 else None
+        return self.oracle.vote(batches(), self.cfg.m, len(items), group)
 
     def _accumulate(self, u: torch.Tensor, votes: torch.Tensor, idx: range, z: torch.Tensor, s: torch.Tensor) -> None:
         coef = votes[idx.start : idx.stop].to(device=u.device, dtype=torch.float32) * (s / self.cfg.radius)
@@ -253,10 +261,9 @@ class ZOStep:
         world, rank = world_info()
         step_dir, one = (new_w - self.w)[None], torch.ones(1, device=device)
         verdict = torch.zeros(1, dtype=torch.int8)
-        if isinstance(self.accept_oracle, GenerationOracle):  # rank 0 generates, every rank settles
-            if rank == 0:
-                self.accept_oracle.collect(self._generation_batch(t, items, texts, whole.base_lp, step_dir, one, [-2]), 0)
-            verdict = self.accept_oracle.settle(1, len(items), Ranks(world, rank, device) if world > 1 else None)
+        if isinstance(self.accept_oracle, GenerationOracle):  # rank 0 generates, every rank takes part
+            mine = [(self._generation_batch(t, items, texts, whole.base_lp, step_dir, one, [-2]), 0)] if rank == 0 else []
+            verdict = self.accept_oracle.vote(mine, 1, len(items), Ranks(world, rank, device) if world > 1 else None)
             verdict = verdict.to(torch.int8).cpu()
         else:
             if rank == 0:
