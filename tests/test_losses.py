@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from compo.train.losses import (
+from compo.train.losses import dpo_loss
+from compo.train.unpaired_losses import (
     RewardShift,
     bco_loss,
     bco_rewards,
-    dpo_loss,
     kto_loss,
     kto_weight_warning,
     mismatched_indices,

@@ -1,3 +1,3 @@
 """A model's view of the pairs: loading models and tokenizers (models), sequence log-probs
 (logprobs), the clean/noisy split by margin (split), and held-out metrics with bootstrap
-intervals (evaluate). It may import compo.core.config, compo.core and compo.data."""
+intervals (evaluate). It may import compo.core and compo.data."""

@@ -16,7 +16,7 @@ Entry point: :func:`run_unpaired_stage1`, called by ``pipeline.run_stage1`` when
 KTO reference point. ``z`` is estimated from mismatched pairs ``(x_i, y_j)``, ``j != i``, i.e.
 the policy/reference log-ratio of a completion under a prompt it was not written for (an
 estimate of KL(policy || reference)). Each row has one *fixed* mismatched completion: that of
-the previous row in the shuffled data order whose prompt differs (``losses.mismatched_indices``
+the previous row in the shuffled data order whose prompt differs (``unpaired_losses.mismatched_indices``
 applied over the whole data order, skipping rows with the same prompt, e.g. the two halves of
 one pair). Fixing it is what lets the reference log-probs of the mismatched pairs be
 precomputed once, so training holds a single model; the training loop samples rows in a
@@ -35,7 +35,7 @@ such runs). ``z`` falls back to ``kto_loss``'s ``kl_fallback=0`` (the lower boun
 clamped KL) only when no mismatched pair exists anywhere: a data set whose rows all share one
 prompt.
 
-BCO reward shift. ``delta`` comes from a ``losses.RewardShift`` (running means over all of
+BCO reward shift. ``delta`` comes from a ``unpaired_losses.RewardShift`` (running means over all of
 training; ``stage1.bco.delta_mode``: ``midpoint`` = paper, ``mean`` = TRL). Every micro-batch
 uses the delta from before the current optimizer step and buffers its detached rewards; the
 buffer is folded in once per optimizer step (``hooks["after_step"]``), summed across processes,
@@ -66,7 +66,7 @@ from compo.core.config import RunConfig
 from compo.core.dist import all_reduce_sum
 from compo.data.encode import Encoded, collate, render_prompt
 from compo.scoring.logprobs import score_sequences, sequence_logps
-from compo.train.losses import RewardShift, bco_loss, bco_rewards, kto_loss, kto_weight_warning
+from compo.train.unpaired_losses import RewardShift, bco_loss, bco_rewards, kto_loss, kto_weight_warning
 from compo.core.progress import say
 from compo.data.rows import PairRow, UnpairedRow
 
@@ -132,7 +132,7 @@ def training_rows(ws, split) -> tuple[list[UnpairedRow], str]:
 def mismatched_order(prompt_keys: Sequence) -> list[int]:
     """For each row, the nearest previous row (cyclically, in data order) with a different prompt.
 
-    Equals ``losses.mismatched_indices(n)`` (``i -> i - 1``) when neighbours have different
+    Equals ``unpaired_losses.mismatched_indices(n)`` (``i -> i - 1``) when neighbours have different
     prompts; rows with the same prompt (e.g. the two halves of a pair) are skipped. -1 when every
     row shares the prompt (no mismatched pair exists).
     """

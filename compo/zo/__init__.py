@@ -4,5 +4,5 @@ head inputs (head), in a space of rows and basis (support), on perturbations dra
 (perturb; Philox in philox, philox_spec, philox_kernel), with the estimator's pure math
 (estimator), warnings (monitor), checkpoints (checkpoint), tracked pairs (track), candidate
 generation for judges (generate) and the CPU fused path (fused); run wires it to a workspace.
-It may import compo.core.config, compo.core, compo.data, compo.scoring, compo.train (saving a model)
+It may import compo.core, compo.data, compo.scoring, compo.train (saving a model)
 and oracles."""
