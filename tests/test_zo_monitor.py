@@ -112,3 +112,16 @@ def test_agreement_stats_under_the_fixed_rule_measure_without_changing_the_run(t
     noise = ZOTrainer(copy.deepcopy(model), cfg, 0, CoinOracle(0.3), pad_id=0)
     rates = [noise.step(t, items[:1], texts[:1])["agree_rate"] for t in range(20)]
     assert abs(sum(rates) / len(rates) - 0.5) < 0.03  # 20 x 400 votes: sd of the mean ~0.006
+
+
+def test_support_and_first_order_signal_warnings_fire_once():
+    low = [dict(_rec(), support_energy=0.95, support_size=300), dict(_rec(), support_energy=0.85, support_size=40),
+           dict(_rec(), support_energy=0.5, support_size=40)]
+    w = _feed(low)
+    assert len(w) == 1 and "85.0% of the expected direction lies in the step's 40 support rows" in w[0]
+    assert _feed([dict(_rec(), support_energy=0.9, support_size=40)] * 3) == []
+    # the likelihood rule's first-order cosine: its mean over 20 steps, not the pooled moment estimate
+    first = lambda cos: dict(_rec(usq=1.0, mu2=1.0), signal_cos=cos, signal_cos_source="first_order")  # noqa: E731
+    w = _feed([first(0.04)] * 19 + [first(0.049)])
+    assert len(w) == 1 and "mean first-order signal cosine over the last 20 steps is 0.040" in w[0]
+    assert _feed([first(0.04)] * 19 + [first(0.3)]) == []  # mean 0.053

@@ -281,3 +281,16 @@ def test_a_killed_support_run_resumes_bit_identically(tmp_path):
     recs = [r for r in strip(killed) if r.get("stage") == "stage2"]
     assert strip(killed) == strip(ref) and len(recs) == 4
     assert all(r["support_size"] < 58 and 0 < r["support_energy"] <= 1 for r in recs)
+    import json
+
+    summary = json.loads((ref / "summary.json").read_text())["stage2"]
+    assert summary["mean_support_size"] == sum(r["support_size"] for r in recs) / 4
+    assert summary["min_support_energy"] == min(r["support_energy"] for r in recs)
+
+
+def test_the_progress_line_shows_the_support():
+    from compo.zo.trainer import progress_fields
+
+    rec = {"n_minus": 7, "signal_cos": 0.1234, "support_size": 256, "support_energy": 0.99912, "perturbations_per_s": 9.5}
+    assert progress_fields(rec, {"steps_taken": 3}) == {"n_minus": 7, "taken": 3, "cos": "0.123", "S": 256,
+                                                         "E": "0.999", "pps": 9.5}
