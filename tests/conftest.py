@@ -22,10 +22,10 @@ os.environ["MKL_NUM_THREADS"] = "1"
 # run in one worker, files in collection order: starting these first lets the many short files
 # fill in behind them, so both workers finish together instead of one waiting on a long last file.
 SLOW_FILES_FIRST = (
-    "test_reliability.py", "test_distributed_pipeline.py", "test_judges_distributed.py",
-    "test_stage1_distributed.py", "test_progress.py", "test_commstats.py", "test_study.py",
-    "test_zo_distributed.py", "test_bad_inputs.py", "test_judges_api.py", "test_zo_support.py",
-    "test_tracking.py", "test_zo_signal.py", "test_zo_monitor.py",
+    "test_reliability.py", "test_bad_inputs.py", "test_commstats.py", "test_progress.py", "test_zo_support.py",
+    "test_study.py", "test_judges_api.py", "test_distributed_pipeline.py", "test_stage1_distributed.py",
+    "test_judges_distributed.py", "test_tracking.py", "test_zo_distributed.py", "test_zo_monitor.py",
+    "test_zo_signal.py",
 )
 
 

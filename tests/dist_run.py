@@ -1,11 +1,12 @@
 """Run the `compo` CLI in W processes joined by a FILE rendezvous (gloo, no port), as torchrun
 would run it: the helpers of the multi-process tests (test_stage1_distributed.py,
-test_distributed_pipeline.py)."""
+test_distributed_pipeline.py); ``start`` starts the ranks of every multi-process test."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -15,6 +16,30 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 VOLATILE = ("wall_s", "wall_s_sessions", "perturbations_per_s", "prep_s")
+
+# The ranks are forked from multiprocessing's fork server, which imports these once per pytest
+# process, instead of each rank importing them into a fresh interpreter (mp.spawn): those imports
+# were ~4 s of CPU a rank, most of a multi-process test's time (a 2-rank stage-2 test: 12 s -> 2 s).
+# Only third-party modules: each rank still imports compo (and the test's module) itself, after the
+# fork; importing these starts no thread, so forking the server is safe.
+PRELOAD = ["torch", "torch.distributed", "transformers", "transformers.models.llama.modeling_llama",
+           "safetensors.torch", "numba"]
+multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+
+
+def start(fn, args: tuple, nprocs: int) -> None:
+    """``mp.spawn(fn, args, nprocs)``: ``fn(rank, *args)`` in ``nprocs`` new processes, joined; an
+    exception or a kill in one surfaces as mp.spawn's (ProcessRaisedException / ProcessExitedException).
+    Each rank runs with the caller's environment and working directory, as mp.spawn's would."""
+    mp.start_processes(_as_the_caller, args=(fn, dict(os.environ), os.getcwd(), args), nprocs=nprocs, join=True,
+                       start_method="forkserver")
+
+
+def _as_the_caller(rank: int, fn, env: dict, cwd: str, args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fn(rank, *args)
 
 
 def _worker(rank: int, world: int, rdzv: str, argv: list[str], fault: str | None, out: str) -> None:
@@ -45,11 +70,11 @@ def _run(rank: int, world: int, rdzv: str, argv: list[str], fault: str | None) -
 
 
 def spawn(world: int, argv: list[str], tmp: Path, fault: str | None = None) -> Path:
-    """``compo <argv>`` in ``world`` fresh processes; a fault kill surfaces as mp's ProcessExitedException.
+    """``compo <argv>`` in ``world`` new processes; a fault kill surfaces as mp's ProcessExitedException.
     Rank r's console output goes to ``<returned path>.r``."""
     n = len(list(tmp.glob("rdzv-*")))
     rdzv, out = tmp / f"rdzv-{n}", tmp / f"out-{n}"
-    mp.spawn(_worker, args=(world, f"file://{rdzv}", argv, fault, str(out)), nprocs=world, join=True)
+    start(_worker, (world, f"file://{rdzv}", argv, fault, str(out)), world)
     return out
 
 

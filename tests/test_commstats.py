@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from dist_run import start
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -62,7 +63,7 @@ def _wrappers(rank: int, world: int, rdzv: str, out: str) -> None:
 
 
 def test_wrappers_do_the_collective_and_count_the_tensors_passed(tmp_path):
-    mp.spawn(_wrappers, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
+    start(_wrappers, (2, str(tmp_path / "rdzv"), str(tmp_path)), 2)
     big = len(pickle.dumps({"rank": 1, "pad": "xxxxx"}))  # payloads are padded to the longest
     small = len(pickle.dumps([{"a": 1}, "two"]))
     for rank in (0, 1):

@@ -12,9 +12,9 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from compo.data import toy
+from dist_run import start
 from test_judges_api import Act, FakeLLM, shown_texts
 
 M, CHUNK, PAIRS, STEPS = 12, 3, 2, 3
@@ -128,8 +128,8 @@ def test_two_processes_ask_each_question_once_and_vote_as_one(tmp_path, toy_refe
     srv = FakeLLM("openai", hashed_verdict)
     try:
         for world in (1, 2):
-            mp.spawn(_worker, args=(world, str(tmp_path / f"rdzv{world}"), str(tmp_path / "model"), str(tmp_path),
-                                    srv.base_url), nprocs=world, join=True)
+            start(_worker, (world, str(tmp_path / f"rdzv{world}"), str(tmp_path / "model"), str(tmp_path),
+                            srv.base_url), world)
     finally:
         srv.stop()
     one = torch.load(tmp_path / "w1-r0.pt", weights_only=False)
@@ -210,7 +210,7 @@ def test_the_cache_takes_writes_from_several_processes(tmp_path):
     from oracles.judges import JudgeCache
 
     n = 30
-    mp.spawn(_cache_writer, args=(3, str(tmp_path / "rdzv"), str(tmp_path), n), nprocs=3, join=True)
+    start(_cache_writer, (3, str(tmp_path / "rdzv"), str(tmp_path), n), 3)
     for i in range(n):
         with JudgeCache(tmp_path / f"new{i}.sqlite") as c:
             assert {r["key"] for r in c.rows()} == {"r0", "r1", "r2"}

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from compo.config import ZOConfig
+from dist_run import start
 
 
 def _worker(rank: int, world: int, rdzv: str, model_dir: str, out: str, support: str) -> None:
@@ -45,7 +45,7 @@ def test_one_and_two_processes_give_the_same_head(tmp_path, toy_reference, suppo
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     for world in (1, 2):
-        mp.spawn(_worker, args=(world, str(tmp_path / f"rdzv{world}"), str(tmp_path / "model"), str(tmp_path), support), nprocs=world, join=True)
+        start(_worker, (world, str(tmp_path / f"rdzv{world}"), str(tmp_path / "model"), str(tmp_path), support), world)
     one, two = torch.load(tmp_path / "head1.pt"), torch.load(tmp_path / "head2.pt")
     assert one["taken"] > 0 and one["taken"] == two["taken"]
     assert one["w"].numpy().tobytes() == two["w"].numpy().tobytes()
