@@ -294,3 +294,18 @@ def test_the_progress_line_shows_the_support():
     rec = {"n_minus": 7, "signal_cos": 0.1234, "support_size": 256, "support_energy": 0.99912, "perturbations_per_s": 9.5}
     assert progress_fields(rec, {"steps_taken": 3}) == {"n_minus": 7, "taken": 3, "cos": "0.123", "S": 256,
                                                          "E": "0.999", "pps": 9.5}
+
+
+def test_a_support_run_warns_once_that_gamma_moves_its_rows_further(tmp_path):
+    from compo.core.rundir import RunDir
+
+    items, texts = _pairs(3)
+    warned = {}
+    for support in ("all", "pair"):
+        cfg = ZOConfig(m=8, radius=0.05, support=support, gamma=0.5, max_steps=3, checkpoint_every=0)
+        totals = ZOTrainer(_model(True), cfg, 0, LikelihoodOracle(), 0).train(items, texts, RunDir(tmp_path / support),
+                                                                               progress=False)
+        warned[support] = [w for w in totals.get("warnings", []) if "lands in the step's" in w]
+    assert warned["all"] == [] and len(warned["pair"]) == 1
+    size = int(warned["pair"][0].split("lands in the step's ")[1].split(" ")[0])
+    assert f"try about {0.5 * (size / V) ** 0.5:.3g}" in warned["pair"][0] and "stage2 step 1:" in warned["pair"][0]

@@ -99,6 +99,14 @@ class ZOTrainer(ZOStep):
         mon = totals.setdefault("monitor", new_state())
         msgs = observe(mon, rec, self.cfg.pairs_per_step, getattr(self.oracle, "aggregation", None),
                        rec["dim"], self.cfg.distribution == "sphere")
+        v = self.w.shape[0]
+        if rec["support_size"] < v and not totals.get("support_gamma_warned"):
+            totals["support_gamma_warned"] = True
+            scaled = self.cfg.gamma * math.sqrt(rec["support_size"] / v)
+            msgs.append(f"zo.support={self.cfg.support}: the whole update lands in the step's {rec['support_size']} of "
+                        f"{v} rows, about sqrt(V/|S|) = {math.sqrt(v / rec['support_size']):.0f}x as far in them as "
+                        f"zo.support=all moves them at the same zo.gamma={self.cfg.gamma:g}; a gamma tuned for 'all' "
+                        f"is too large here: try about {scaled:.3g} (docs/zo_support.md)")
         if rec.get("update_ratio", 0.0) > LARGE_UPDATE and not totals.get("large_update_warned"):
             totals["large_update_warned"] = True
             msgs.append(f"the update moved the head by {100 * rec['update_ratio']:.1f}% of its norm "
