@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,7 @@ from compo.core.errors import UserError
 from compo.core.progress import say
 from compo.data.rows import PairRow
 from compo.core.dist import barrier, main_first
-from compo.core.rundir import RunDir, atomic_write_text, check_run_dir, is_writer, read_json
+from compo.core.rundir import RunDir, atomic_write_text, check_run_dir, is_writer
 
 
 
