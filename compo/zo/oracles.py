@@ -41,7 +41,4 @@ def build_oracles(cfg: RunConfig) -> tuple:
     except UserError:
         built[0].close()
         raise
-    except ValueError as e:
-        built[0].close()
-        raise UserError("zo.estimator", str(e)) from None
     return tuple(built)

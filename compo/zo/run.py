@@ -45,26 +45,19 @@ def step_diagnostics(run) -> dict:
     """Means over the logged stage-2 steps: the signal cosine of u (near 0: the update is noise;
     first-order for the likelihood rule, with the moment estimate beside it), the vocabulary
     support's size and first-order energy, the share of votes agreeing with the rest (1/2
-    without signal; when counted), the
-    share of the direction's energy the sparsity rule kept (taken steps)."""
+    without signal; when counted), the share of the direction's energy the sparsity rule kept
+    (taken steps)."""
     from compo.core.rundir import read_jsonl
 
     recs = [r for r in read_jsonl(run.metrics) if r.get("stage") == "stage2"] if run.metrics.exists() else []
     taken = [r for r in recs if not r.get("skipped")]
     out = {}
-    if recs and all("signal_cos" in r for r in recs):
-        out["mean_signal_cos"] = sum(r["signal_cos"] for r in recs) / len(recs)
-    if recs and all("signal_cos_moment" in r for r in recs):
-        out["mean_signal_cos_moment"] = sum(r["signal_cos_moment"] for r in recs) / len(recs)
-    if recs and all("support_size" in r for r in recs):
-        out["mean_support_size"] = sum(r["support_size"] for r in recs) / len(recs)
-    if recs and all("support_energy" in r for r in recs):
-        out["mean_support_energy"] = sum(r["support_energy"] for r in recs) / len(recs)
+    for key, among in (("signal_cos", recs), ("signal_cos_moment", recs), ("support_size", recs),
+                       ("support_energy", recs), ("agree_rate", recs), ("energy_kept", taken)):
+        if among and all(key in r for r in among):  # (absent from records of older runs)
+            out[f"mean_{key}"] = sum(r[key] for r in among) / len(among)
+    if "mean_support_energy" in out:
         out["min_support_energy"] = min(r["support_energy"] for r in recs)
-    if recs and all("agree_rate" in r for r in recs):
-        out["mean_agree_rate"] = sum(r["agree_rate"] for r in recs) / len(recs)
-    if taken and all("energy_kept" in r for r in taken):
-        out["mean_energy_kept"] = sum(r["energy_kept"] for r in taken) / len(taken)
     from oracles.judges import run_totals  # judge requests, ties, position bias over the run
 
     for prefix in ("oracle/", "accept_oracle/"):

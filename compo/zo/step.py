@@ -26,7 +26,7 @@ from compo.zo.head import (
 )
 from compo.zo.perturb import PerturbationSource
 from compo.zo.oracles import check_estimator
-from compo.zo.support import StepSpace, first_order, scatter_rows, step_space
+from compo.zo.support import StepSpace, first_order, step_space
 from oracles.base import BETTER, Evidence, Oracle, OracleBatch, SeqLogProbs
 from oracles.generation import GenerationOracle
 from oracles.judges.base import JudgeQuit
@@ -167,21 +167,22 @@ class ZOStep:
         t1 = time.perf_counter()
         if deferred:
             votes = self._vote_generated(t, items, texts, sp, draws, mine).to(torch.int8).cpu()
-        for idx in mine if not deferred else ():
-            if fused:
-                cand, s = fused_logps(source, t, list(idx), draws.buf, sp.base, sp.hz, sp.inp, tile, matmul_dtype,
-                                      sp.lse_out)
-                z = draws.buf[: len(idx)]
-                y = self.oracle.compare(self._batch(texts, len(idx), sp.base_lp, cand))
-            else:
-                z = source.draw(t, idx, out=draws.buf)
-                s = source.scales(z)
-                y = self._ask(self.oracle, t, items, texts, sp, z, s, list(idx), matmul_dtype)
-            votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
-            if world == 1:
-                self._accumulate(u, votes, idx, z, s)
-        if world > 1 and not deferred:
-            votes = all_gather_votes(votes, device)
+        else:
+            for idx in mine:
+                if fused:
+                    cand, s = fused_logps(source, t, list(idx), draws.buf, sp.base, sp.hz, sp.inp, tile,
+                                          matmul_dtype, sp.lse_out)
+                    z = draws.buf[: len(idx)]
+                    y = self.oracle.compare(self._batch(texts, len(idx), sp.base_lp, cand))
+                else:
+                    z = source.draw(t, idx, out=draws.buf)
+                    s = source.scales(z)
+                    y = self._ask(self.oracle, t, items, texts, sp, z, s, list(idx), matmul_dtype)
+                votes[idx.start : idx.stop] = y.to(torch.int8).cpu()
+                if world == 1:
+                    self._accumulate(u, votes, idx, z, s)
+            if world > 1:
+                votes = all_gather_votes(votes, device)
         if world > 1 or deferred:
             # only votes travel; every rank regenerates z from seeds and sums u in the canonical
             # chunk order, the same arithmetic as one process: the result is world-size free
@@ -193,15 +194,17 @@ class ZOStep:
     def _vote_generated(self, t: int, items, texts, sp: StepSpace, draws: Draws, mine: list[range]) -> torch.Tensor:
         """A generation oracle's m votes in one call: this rank's chunks, each drawn just before
         its candidates generate (the draws share one buffer), then judged together."""
-        world, rank = world_info()
-
         def batches():
             for idx in mine:
                 z = draws.source.draw(t, idx, out=draws.buf)
                 yield self._generation_batch(t, items, texts, sp.base_lp, z, draws.source.scales(z), list(idx)), idx.start
 
-        group = Ranks(world, rank, self.w.device) if world > 1 else None
-        return self.oracle.vote(batches(), self.cfg.m, len(items), group)
+        return self.oracle.vote(batches(), self.cfg.m, len(items), self._group())
+
+    def _group(self) -> Ranks | None:
+        """The processes a generation oracle's round is shared with (None: this one alone)."""
+        world, rank = world_info()
+        return Ranks(world, rank, self.w.device) if world > 1 else None
 
     def _accumulate(self, u: torch.Tensor, votes: torch.Tensor, idx: range, z: torch.Tensor, s: torch.Tensor) -> None:
         coef = votes[idx.start : idx.stop].to(device=u.device, dtype=torch.float32) * (s / self.cfg.radius)
@@ -221,10 +224,13 @@ class ZOStep:
                      "signal_cos_source": "moment", "signal_mu2": signal_mu2(u_sq, n_votes, dim, sphere),
                      "u_sq_norm": u_sq, "n_votes": n_votes, "dim": dim, "support_size": sp.shape[0]}
         if self.oracle.needs == Evidence.LOGPROBS:
-            rule = getattr(self.oracle, "rule", "strict")
-            fo = first_order(base, inp, sp.hz, rule if rule in ("strict", "relaxed") else "strict")
-            rec["support_energy"] = fo.energy(sp.rows)
-            if hasattr(self.oracle, "rule"):  # the likelihood rule: its expected direction is known
+            rule = getattr(self.oracle, "rule", None)  # the likelihood rule: its expected direction is known
+            if rule is None and sp.rows is None:
+                rec["support_energy"] = 1.0  # every row: nothing of the direction is outside
+            else:
+                fo = first_order(base, inp, sp.hz, rule if rule in ("strict", "relaxed") else "strict")
+                rec["support_energy"] = fo.energy(sp.rows)
+            if rule is not None:
                 rec.update(signal_cos=max(0.0, fo.cosine(u, sp.rows)), signal_cos_source="first_order")
         if cfg.skip_rule == "binomial" or cfg.agreement_stats:
             rec.update(agreement_record(agreements(draws.source, t, draws.chunks, votes, u, draws.buf, cfg.radius),
@@ -243,28 +249,24 @@ class ZOStep:
             return reason, None, None
         v, hdim = self.w.shape
         g = self._buffer("g", v * hdim).view(v, hdim)  # reused: a fresh head-sized tensor page-faults
-        if sp.rows is None:
-            g = normalise(torch.matmul(u, sp.q.T, out=g) if sp.q is not None else u, out=g)
-        else:  # the support's rows alone: normalised and ranked within S, 0 elsewhere
-            gs = normalise(u @ sp.q.T if sp.q is not None else u.clone())
-            g = None if gs is None else scatter_rows(sparsify(gs, cfg.sparsity, cfg.lambda_g, cfg.rho, inplace=True),
-                                                     sp.rows, g)
-        if g is None:
+        out = g if sp.rows is None else None  # a support's rows are normalised and ranked within S
+        d = normalise(torch.matmul(u, sp.q.T, out=out) if sp.q is not None else u, out=out)
+        if d is None:
             return "zero direction: the votes cancel exactly", None, None
-        if sp.rows is None:
-            g = sparsify(g, cfg.sparsity, cfg.lambda_g, cfg.rho, inplace=True)
-        return None, proposed_head(self.w, g, cfg.gamma, rec["frac_minus"], out=self._spare_head()), g
+        d = sparsify(d, cfg.sparsity, cfg.lambda_g, cfg.rho, inplace=True)
+        if sp.rows is not None:
+            d = g.zero_().index_copy_(0, sp.rows, d)
+        return None, proposed_head(self.w, d, cfg.gamma, rec["frac_minus"], out=self._spare_head()), d
 
     def _accept(self, t: int, items, texts, new_w: torch.Tensor, whole: StepSpace) -> bool:
         """The acceptance check: does the (acceptance) oracle prefer the proposed head?"""
         device = self.w.device
-        world, rank = world_info()
+        rank = world_info()[1]
         step_dir, one = (new_w - self.w)[None], torch.ones(1, device=device)
         verdict = torch.zeros(1, dtype=torch.int8)
         if isinstance(self.accept_oracle, GenerationOracle):  # rank 0 generates, every rank takes part
             mine = [(self._generation_batch(t, items, texts, whole.base_lp, step_dir, one, [-2]), 0)] if rank == 0 else []
-            verdict = self.accept_oracle.vote(mine, 1, len(items), Ranks(world, rank, device) if world > 1 else None)
-            verdict = verdict.to(torch.int8).cpu()
+            verdict = self.accept_oracle.vote(mine, 1, len(items), self._group()).to(torch.int8).cpu()
         else:
             if rank == 0:
                 verdict = self._ask(self.accept_oracle, t, items, texts, whole, step_dir, one, [-2]).to(torch.int8).cpu()

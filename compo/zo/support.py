@@ -61,13 +61,6 @@ def restrict(base: torch.Tensor, inp: HeadInputs, rows: torch.Tensor) -> Restric
                       lse_out, rows)
 
 
-def scatter_rows(g_rows: torch.Tensor, rows: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """A head-sized tensor that is ``g_rows`` on ``rows`` and 0 elsewhere (into ``out``)."""
-    if rows is None:
-        return out.copy_(g_rows)
-    return out.zero_().index_copy_(0, rows, g_rows)
-
-
 # ------------------------------------------------------------------ the first-order picture
 
 
