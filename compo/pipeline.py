@@ -15,7 +15,7 @@ from compo.core import fingerprint
 from compo.core.config import RunConfig
 from compo.data.encode import Encoded, EncodeResult
 from compo.core.errors import Diverged, UserError
-from compo.core.dist import world_info
+from compo.core.dist import broadcast_object, world_info
 from compo.scoring.logprobs import PairScores, score_pairs
 from compo.data.rows import PairRow
 from compo.core.rundir import is_writer, write_jsonl
@@ -155,15 +155,7 @@ def run_split(ws: Workspace) -> SplitResult:
         return SplitResult(rows, enc, scores, noisy)
     if enc.n_dropped:
         say(f"split: dropped {enc.n_dropped} pairs whose prompt exceeds data.max_prompt_length={cfg.data.max_prompt_length}")
-    ref_model = ws.model
-    if cfg.split.reference:
-        from compo.scoring.models import load_pretrained
-
-        ref_model, _ = load_pretrained(cfg.split.reference, cfg)
-    scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs",
-                         distributed=True, shared=cfg.model.share_prompt)  # under torchrun: each process scores a share, all get every score
-    if ref_model is not ws.model:
-        del ref_model
+    scores = _reference_scores(ws, rows, enc)
     # a flip swaps a pair's two log-probs: |margin| and finiteness are the same before and after it
     rows, enc, scores, noise_summary = _inject_noise(ws, rows, enc, scores)
     kinds = {k: margins_of(scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens, k)
@@ -173,7 +165,17 @@ def run_split(ws: Workspace) -> SplitResult:
     if bad:
         raise Diverged(f"split: the reference model gives non-finite log-probs for {len(bad)} pairs "
                        f"(first: {rows[bad[0]].source}); split.jsonl was not written")
-    noisy = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile, cfg.split.require_positive)
+    ref_noisy = noisy_mask(margins, cfg.split.rule, cfg.split.delta, cfg.split.quantile, cfg.split.require_positive)
+    noisy, brief = ref_noisy, None
+    if cfg.split.score == "stage1":
+        from compo.train.split_model import brief_scores, implicit_margins, lowest
+
+        brief = implicit_margins(brief_scores(ws.model, ws.tokenizer, enc.items, scores, cfg, run.root, ws.pad_id),
+                                 scores, cfg.split.margin)
+        if not bool(torch.isfinite(brief).all()):
+            raise Diverged("split: the brief DPO model (split.score=stage1) gives non-finite log-probs; "
+                           "split.jsonl was not written")
+        noisy = lowest(brief, cfg.split.quantile)
     table = calibration(kinds)
     need_clean, need_noisy = _split_needs(ws)
     how = f"|{cfg.split.margin} margin| < {cfg.split.delta}" if cfg.split.rule == "absolute" else f"quantile {cfg.split.quantile}"
@@ -186,7 +188,7 @@ def run_split(ws: Workspace) -> SplitResult:
         raise UserError("split.delta", f"no pair is noisy ({how}), so stage 2 has nothing to train on: raise "
                         "split.delta, use split.rule=quantile or split.margin=mean, or zo.enabled=false")
     if is_writer():
-        _write_split(ws, rows, scores, kinds, noisy)
+        _write_split(ws, rows, scores, kinds, noisy, brief)
     stats = summarize(margins, noisy)
     stats.update(margin=cfg.split.margin, n_dropped_long_prompt=enc.n_dropped, n_truncated=enc.n_truncated,
                  calibration=table)
@@ -195,6 +197,8 @@ def run_split(ws: Workspace) -> SplitResult:
     flags = _label_flags(rows)
     if flags is not None:
         stats.update(label_quality(flags, noisy.tolist()))
+        stats["flip_detection"] = flip_detection(flags, {"reference": ref_noisy, "stage1": brief is not None and noisy})
+    stats["score"] = cfg.split.score
     run.update_summary(**{k: stats[k] for k in ("n_pairs", "n_clean", "n_noisy")}, split=stats)
     say(f"split: {stats['n_pairs']} pairs -> {stats['n_clean']} clean, {stats['n_noisy']} noisy "
         f"({how}); {cfg.split.margin} margin p10/p50/p90 = "
@@ -208,7 +212,48 @@ def run_split(ws: Workspace) -> SplitResult:
     return SplitResult(rows, enc, scores, noisy)
 
 
-def _write_split(ws: Workspace, rows: list[PairRow], scores: PairScores, kinds: dict, noisy: torch.Tensor) -> None:
+def _reference_scores(ws: Workspace, rows: list[PairRow], enc: EncodeResult) -> PairScores:
+    """Reference log-probs of the training pairs before any noise: kept ones with the same
+    reference key (see compo/scoring/ref_cache.py), else scored (and kept)."""
+    from compo.scoring import ref_cache
+
+    cfg = ws.cfg
+    key, sources = fingerprint.reference_key(cfg), [r.source for r in rows]
+    kept = broadcast_object(ref_cache.load(ws.run.root, key, sources) if is_writer() else None)
+    if kept is not None:
+        say(f"split: reference log-probs from {ws.run.root / ref_cache.FILE} (same reference key)")
+        return kept
+    ref_model = ws.model
+    if cfg.split.reference:
+        from compo.scoring.models import load_pretrained
+
+        ref_model, _ = load_pretrained(cfg.split.reference, cfg)
+    scores = score_pairs(ref_model, enc.items, ws.pad_id, cfg.split.batch_size, desc="reference log-probs",
+                         distributed=True, shared=cfg.model.share_prompt)  # under torchrun: each process scores a share, all get every score
+    if is_writer():
+        ref_cache.save(ws.run.root, key, sources, scores)
+    return scores
+
+
+def flip_detection(flags: list[bool], masks: dict) -> dict:
+    """Per split rule (masks that are not False): flip recall (the share of wrong labels in the
+    noisy part) and precision (the share of the noisy part that is wrong), beside what a random
+    split of the same size gives (recall = its share of the pairs, precision = the noise rate)."""
+    n, wrong = len(flags), sum(flags)
+    out = {}
+    for name, mask in masks.items():
+        if mask is False:
+            continue
+        noisy = mask.tolist()
+        k = sum(noisy)
+        hit = sum(1 for f, m in zip(flags, noisy) if f and m)
+        out[name] = {"n_noisy": k, "recall": hit / wrong if wrong else None, "precision": hit / k if k else None,
+                     "random_recall": k / n if n else None, "random_precision": wrong / n if n else None}
+    return out
+
+
+def _write_split(ws: Workspace, rows: list[PairRow], scores: PairScores, kinds: dict, noisy: torch.Tensor,
+                 brief: torch.Tensor | None = None) -> None:
     """split.jsonl, between forgetting and recording the split's fingerprint (rank 0 only)."""
     run = ws.run
     fingerprint.record(run, "split", None)
@@ -217,6 +262,7 @@ def _write_split(ws: Workspace, rows: list[PairRow], scores: PairScores, kinds: 
          "logp_chosen": float(scores.chosen[i]), "logp_rejected": float(scores.rejected[i]),
          "chosen_tokens": int(scores.chosen_tokens[i]), "rejected_tokens": int(scores.rejected_tokens[i]),
          "margin": float(kinds["sum"][i]), "margin_mean": float(kinds["mean"][i]), "noisy": bool(noisy[i]),
+         **({"margin_stage1": float(brief[i])} if brief is not None else {}),
          "label_flipped": bool(r.meta.get("label_flipped", False)),
          **({"ambiguous": bool(r.meta["ambiguous"])} if "ambiguous" in r.meta else {}), "source": r.source}
         for i, r in enumerate(rows)

@@ -93,6 +93,17 @@ class SplitConfig(_Section):
     margin: Literal["sum", "mean"] = Field("sum", description="sum: summed log-prob margin (paper); mean: per-token means, not driven by response length.")
     reference: Optional[str] = Field(None, description="Checkpoint for the reference margins; None = the loaded model (paper).")
     batch_size: int = Field(16, gt=0, description="Pairs per forward pass when scoring.")
+    score: Literal["reference", "stage1"] = Field("reference", description="What ranks the pairs: the reference margin (paper), or the implicit-reward margin after a brief DPO on all pairs (small-loss rule; needs rule quantile).")
+    stage1_steps: int = Field(20, gt=0, description="Budget of split.score=stage1: optimizer steps of DPO on all pairs (stage1's beta, learning rate, batch size).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if self.score == "stage1" and self.rule != "quantile":
+            raise ValueError("split.score=stage1 ranks pairs by their loss after a brief DPO, which has no scale "
+                             "of its own: set split.rule=quantile")
+        if self.score == "stage1" and self.require_positive:
+            raise ValueError("split.require_positive concerns the reference margin: unset it with split.score=stage1")
+        return self
 
 
 class KTOConfig(_Section):

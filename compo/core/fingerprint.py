@@ -31,6 +31,12 @@ RUNTIME_OPTIONS = {"max_calls", "max_tokens_total", "max_concurrency", "timeout"
                    "host", "port", "width", "min_columns_width", "max_bad_answers"}
 SCOPES = {"split": ("seed", "model.", "data.", "split."), "stage1": ("stage1.",), "stage2": ("zo.",)}
 _HEAD = 1 << 20
+#: Stage-1 settings the brief DPO of ``split.score: stage1`` uses (so they belong to the split too).
+BRIEF_STAGE1 = tuple(f"stage1.{k}" for k in ("beta", "learning_rate", "weight_decay", "warmup_ratio", "batch_size",
+                                             "grad_accum", "max_grad_norm", "group_by_length", "mixed_precision",
+                                             "peft"))
+#: What reference log-probs depend on: the split's keys less the noise and the split rule.
+REFERENCE_SCOPE = ("seed", "model.", "data.", "split.reference", "split.batch_size", "compo_version")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -89,6 +95,8 @@ def current(cfg: RunConfig, stage: str, after_stage1: bool = False) -> dict[str,
     scopes = SCOPES["split"] + (SCOPES["stage1"] if stage == "stage1" or (after_stage1 and stage == "stage2")
                                 else ()) + (SCOPES["stage2"] if stage == "stage2" else ())
     fp = {k: v for k, v in flat.items() if k == "seed" or k.startswith(scopes)}
+    if flat.get("split.score") == "stage1":  # the split's brief DPO trains with these stage-1 settings
+        fp.update({k: v for k, v in flat.items() if k.startswith(BRIEF_STAGE1)})
     fp["compo_version"] = compo.__version__
     for key in ("data.path", "data.eval_path"):
         if flat.get(key) and flat[key] != "toy":
@@ -97,6 +105,17 @@ def current(cfg: RunConfig, stage: str, after_stage1: bool = False) -> dict[str,
         if flat.get(key) and flat[key] != "toy":
             fp[f"{key}#identity"] = path_digest(flat[key], full=False)
     return redact(fp)  # recorded in run directories and study cells: no API key or URL credential
+
+
+def reference_key(cfg: RunConfig) -> str:
+    """A short hash of what the reference log-probs of the training and held-out pairs depend on
+    (model, data, length policy, seed; not the injected noise or the split rule): runs with the
+    same key can share those scores (a study's noise rates do)."""
+    import json
+
+    fp = {k: v for k, v in current(cfg, "split").items()
+          if k.startswith(REFERENCE_SCOPE) and not k.startswith("data.noise.")}
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def merged(fps: Iterable[dict]) -> dict[str, Any]:

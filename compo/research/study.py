@@ -43,6 +43,13 @@ DEFAULT_METRICS = ["accuracy", "rewards/accuracies", "shift/chosen", "shift/reje
                    "displacement/both_down", "displacement/margin_up"]
 
 
+class NoiseSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    rate: float = Field(..., ge=0, le=1, description="Injected label-noise rate.")
+    bias: Literal["uniform", "low_margin"] = Field("uniform", description="data.noise.bias of the setting.")
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -52,6 +59,8 @@ class StudyConfig(BaseModel):
     noise_rates: list[float] = Field([0.0, 0.2], min_length=1, description="Injected label-noise rates.")
     noise_kind: Literal["flip", "ambiguous"] = Field("flip", description="data.noise.kind of every cell.")
     noise_bias: Literal["uniform", "low_margin"] = Field("uniform", description="data.noise.bias of every cell.")
+    noise: list[NoiseSetting] = Field(default_factory=list, description="Noise settings, each {rate, bias}; given, "
+                                      "they replace noise_rates and noise_bias (a study of several biases).")
     methods: dict[str, dict[str, Any]] = Field(..., min_length=1, description="name -> overrides; a preset name "
                                                "(dpo_all, dpo_clean, cdpo, rdpo, compo_full, compo_projected, "
                                                "compo_topk, bco_clean, kto_clean) starts from that preset.")
@@ -74,6 +83,29 @@ class StudyConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("noise rates must be distinct")
         return v
+
+    @field_validator("noise")
+    @classmethod
+    def _settings(cls, v: list[NoiseSetting]) -> list[NoiseSetting]:
+        keys = [(n.rate, n.bias if n.rate > 0 else "") for n in v]
+        if len(set(keys)) != len(keys):
+            raise ValueError("noise settings must be distinct")
+        return v
+
+    def settings(self) -> list[tuple[float, str]]:
+        """(rate, bias) of every noise setting, in order."""
+        if self.noise:
+            return [(n.rate, n.bias) for n in self.noise]
+        return [(r, self.noise_bias) for r in self.noise_rates]
+
+    def mixed(self) -> bool:
+        """Do the settings flip with more than one bias (cells and tables then name the bias)?"""
+        return len({b for r, b in self.settings() if r > 0}) > 1
+
+
+def condition(rate: float, bias: str, mixed: bool) -> str:
+    """A noise setting's label in cell names and tables: the rate, with the bias where they mix."""
+    return f"{rate:g}" if not mixed or rate == 0 else f"{rate:g}{'lm' if bias == 'low_margin' else 'u'}"
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None,
@@ -100,18 +132,18 @@ def load_study(path: str | Path, overrides: list[str] | None = None,
         raise UserError(f"{path}: base", f"the base run config {base} does not exist")
     cells = {}
     for seed in study.seeds:
-        for rate in study.noise_rates:
+        for rate, bias in study.settings():
             for method, extra in study.methods.items():
-                name = cell_name(seed, rate, method)
-                cells[name] = cell_config(base, study, seed, rate, method, extra, overrides or [], name)
+                name = cell_name(seed, condition(rate, bias, study.mixed()), method)
+                cells[name] = cell_config(base, study, seed, rate, method, extra, overrides or [], name, bias)
     first = next(iter(cells.values()))
     if first.data.path != "toy" and not (first.data.eval_path or first.data.eval_fraction > 0):
         raise UserError(f"{base}: data", "a study scores held-out pairs: set data.eval_path or data.eval_fraction")
     return study, cells
 
 
-def cell_name(seed: int, rate: float, method: str) -> str:
-    return f"s{seed}_n{rate:g}_{method}"
+def cell_name(seed: int, cond: str, method: str) -> str:
+    return f"s{seed}_n{cond}_{method}"
 
 
 def _sets(d: dict[str, Any]) -> list[str]:
@@ -119,12 +151,12 @@ def _sets(d: dict[str, Any]) -> list[str]:
 
 
 def cell_config(base: Path, study: StudyConfig, seed: int, rate: float, method: str, extra: dict,
-                overrides: list[str], name: str) -> RunConfig:
+                overrides: list[str], name: str, bias: str | None = None) -> RunConfig:
     if method not in PRESETS and not extra:
         raise UserError(f"methods.{method}", f"unknown preset; presets: {', '.join(PRESETS)} (or give overrides)")
     sets = _sets(study.overrides) + _sets(PRESETS.get(method, {})) + _sets(extra) + list(overrides)
     kind = study.noise_kind if rate > 0 else "none"
-    sets += _sets({"seed": seed, "data.noise.kind": kind, "data.noise.rate": rate, "data.noise.bias": study.noise_bias,
+    sets += _sets({"seed": seed, "data.noise.kind": kind, "data.noise.rate": rate, "data.noise.bias": bias or study.noise_bias,
                    "run_dir": str(Path(study.study_dir) / "runs" / name)})
     try:
         return load_config(base, sets)
@@ -155,10 +187,34 @@ def _clone(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _prefix(cell: str) -> str:
+    """``s<seed>_n<condition>`` of a cell's name: the stage-1 runs of a noise setting share it."""
+    return "_".join(cell.split("_", 2)[:2])
+
+
+def _seed_reference(donor: Path, target: Path) -> None:
+    """Give a fresh run the reference log-probs (training and held-out pairs) of a run with the
+    same reference key; the run checks the key and the pairs before using them."""
+    from compo.scoring import ref_cache
+
+    target.mkdir(parents=True, exist_ok=True)
+    if (donor / ref_cache.FILE).exists():
+        shutil.copy2(donor / ref_cache.FILE, target / ref_cache.FILE)
+    if (donor / "eval_scores.json").exists():
+        saved = read_json(donor / "eval_scores.json")
+        atomic_write_json(target / "eval_scores.json",
+                          {k: saved[k] for k in ("sources", "reference", "reference_key") if k in saved})
+
+
 def _seed_split(donor: Path, target: Path) -> None:
     """Give a fresh stage-1 run the reference scoring of another run of the same split."""
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy2(donor / "split.jsonl", target / "split.jsonl")
+    for name in ("reference_scores.json",):
+        if (donor / name).exists():
+            shutil.copy2(donor / name, target / name)
+    if (donor / "split_stage1").exists() and not (target / "split_stage1").exists():  # split.score stage1's model
+        _clone(donor / "split_stage1", target / "split_stage1")
     if (donor / "reference").exists() and not (target / "reference").exists():
         _clone(donor / "reference", target / "reference")
     atomic_write_json(target / "fingerprint.json", {"split": read_json(donor / "fingerprint.json")["split"]})
@@ -168,7 +224,7 @@ def _seed_split(donor: Path, target: Path) -> None:
                                                     if k in summary})
     if (donor / "eval_scores.json").exists():
         saved = read_json(donor / "eval_scores.json")
-        atomic_write_json(target / "eval_scores.json", {k: saved[k] for k in ("sources", "reference") if k in saved})
+        atomic_write_json(target / "eval_scores.json", {k: saved[k] for k in ("sources", "reference", "reference_key") if k in saved})
 
 
 #: Eval options that change a cell's intervals (the rest concern `compo eval`).
@@ -206,23 +262,27 @@ class Runner:
         self.study, self.cells, self.say = study, cells, say
         self.root = Path(study.study_dir)
         self.splits: dict[str, Path] = {}  # split fingerprint key -> a run dir holding that split
+        self.references: dict[str, Path] = {}  # reference key -> a run dir holding those reference scores
 
     def cell_result(self, name: str) -> Path:
         return self.root / "cells" / f"{name}.json"
 
-    def _stage1_dir(self, cfg: RunConfig) -> Path:
+    def _stage1_dir(self, cfg: RunConfig, name: str) -> Path:
         group = cfg.model_copy(deep=True)
         group.zo.enabled = False
         fp1 = fingerprint.current(group, "stage1")
-        d = self.root / "runs" / f"s{cfg.seed}_n{cfg.data.noise.rate:g}_stage1-{_key(fp1)}"
+        d = self.root / "runs" / f"{_prefix(name)}_stage1-{_key(fp1)}"
         group.run_dir = str(d)
         if not _finished(d, "stage1"):
             split_key = _key(fingerprint.current(group, "split"))
             donor = self.splits.get(split_key)
             if donor is not None and not (d / "split.jsonl").exists():
                 _seed_split(donor, d)
+            elif donor is None and fingerprint.reference_key(group) in self.references:
+                _seed_reference(self.references[fingerprint.reference_key(group)], d)
             self._pipeline(group)
         self.splits.setdefault(_key(fingerprint.current(group, "split")), d)
+        self.references.setdefault(fingerprint.reference_key(group), d)
         return d
 
     def _pipeline(self, cfg: RunConfig) -> None:
@@ -238,7 +298,7 @@ class Runner:
         cfg = self.cells[name]
         if not cfg.stage1.enabled:
             raise UserError(f"methods of {name}", "a study cell needs stage1.enabled (it compares trained models)")
-        s1 = self._stage1_dir(cfg)
+        s1 = self._stage1_dir(cfg, name)
         run_dir, stage = s1, last_stage(cfg)
         if stage == "stage2":
             run_dir = Path(cfg.run_dir)
@@ -248,6 +308,7 @@ class Runner:
                 self._pipeline(cfg)
         result = cell_metrics(run_dir, stage, cfg)
         result.update(cell=name, method=name.split("_", 2)[2], seed=cfg.seed, noise=cfg.data.noise.rate,
+                      bias=cfg.data.noise.bias, condition=name.split("_", 2)[1][1:],
                       run_dir=str(run_dir), fingerprint=cell_fingerprint(cfg))
         atomic_write_json(self.cell_result(name), result)
         return result

@@ -16,7 +16,8 @@ from compo.core.rundir import atomic_write_text, read_json, read_jsonl
 
 #: two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); normal beyond
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-SPLIT_KEYS = ("n_clean", "n_noisy", "label_correct/noisy", "label_correct/clean", "wrong_labels_in_noisy")
+SPLIT_KEYS = ("n_clean", "n_noisy", "label_correct/noisy", "label_correct/clean", "wrong_labels_in_noisy", "score",
+              "flip_detection")
 EFFECT_KEYS = ("accuracy", "shift/chosen", "shift/rejected")
 STAGE2_KEYS = ("steps", "steps_taken", "mean_frac_minus", "noisy/shift_chosen", "noisy/shift_rejected",
                "noisy_untrained/shift_chosen", "noisy_untrained/shift_rejected")
@@ -62,16 +63,24 @@ def stage2_effect(before: PairScores, after: PairScores, ref: PairScores, cfg: R
     return summarise(paired_differences(before, after, ref, cfg.stage1.beta), cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
 
 
+def cond(r: dict) -> str:
+    """A result's noise setting label (the rate, with the bias in a study of several biases)."""
+    return r.get("condition") or f"{r['noise']:g}"
+
+
 def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
-    """(method, noise, metric) rows: mean over seeds with a t interval, or with one seed the
-    run's own bootstrap interval."""
+    """(method, noise setting, metric) rows: mean over seeds with a t interval, or with one seed
+    the run's own bootstrap interval."""
     groups: dict[tuple, list[dict]] = {}
+    setting: dict[str, tuple] = {}
     for r in results:
+        setting[cond(r)] = (r["noise"], r.get("bias", "uniform"))
         for m in metrics:
             if m in r["metrics"]:
-                groups.setdefault((r["method"], r["noise"], m), []).append(r["metrics"][m])
+                groups.setdefault((r["method"], cond(r), m), []).append(r["metrics"][m])
     rows = []
-    for (method, noise, metric), vals in groups.items():
+    for (method, label, metric), vals in groups.items():
+        noise, bias = setting[label]
         xs = [v["value"] for v in vals if v["value"] is not None and math.isfinite(v["value"])]
         if len(xs) >= 2:
             mean = sum(xs) / len(xs)
@@ -81,18 +90,19 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
         else:
             mean = xs[0] if xs else math.nan
             lo, hi = vals[0]["ci_low"], vals[0]["ci_high"]
-        rows.append({"method": method, "noise": noise, "metric": metric, "mean": mean, "ci_low": lo,
-                     "ci_high": hi, "n": len(xs)})
+        rows.append({"method": method, "noise": noise, "bias": bias, "condition": label, "metric": metric,
+                     "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(xs)})
     return rows
 
 
 def _csv(results: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["cell", "method", "noise", "seed", "metric", "value", "ci_low", "ci_high", "n"])
+    w.writerow(["cell", "method", "noise", "bias", "seed", "metric", "value", "ci_low", "ci_high", "n"])
     for r in results:
         for name, m in r["metrics"].items():
-            w.writerow([r["cell"], r["method"], r["noise"], r["seed"], name, m["value"], m["ci_low"], m["ci_high"], m["n"]])
+            w.writerow([r["cell"], r["method"], r["noise"], r.get("bias", "uniform") if r["noise"] > 0 else "none",
+                        r["seed"], name, m["value"], m["ci_low"], m["ci_high"], m["n"]])
     return buf.getvalue()
 
 
@@ -104,14 +114,15 @@ def markdown(study, results: list[dict], rows: list[dict]) -> str:
     """study.md: one table per metric (methods x noise rates, mean [interval]) and the split's
     label quality per noise rate."""
     methods = list(dict.fromkeys(r["method"] for r in results))
-    rates = sorted(dict.fromkeys(r["noise"] for r in results))
+    rates = list(dict.fromkeys(cond(r) for r in results))
     seeds = sorted(dict.fromkeys(r["seed"] for r in results))
-    by = {(r["method"], r["noise"], r["metric"]): r for r in rows}
+    by = {(r["method"], r["condition"], r["metric"]): r for r in rows}
     ci = "95% t interval over seeds" if len(seeds) > 1 else "bootstrap interval over held-out pairs (eval.level)"
-    out = [f"# Noise study: {study.noise_kind} noise ({study.noise_bias}), seeds {seeds}", "",
+    biases = "mixed: u = uniform, lm = low_margin" if study.mixed() else study.settings()[0][1]
+    out = [f"# Noise study: {study.noise_kind} noise ({biases}), seeds {seeds}", "",
            f"Each cell: mean [{ci}]; `n` = seeds. Labels are scored against the original (un-noised) labels.", ""]
     for metric in study.metrics:
-        out += [f"## {metric}", "", "| method | " + " | ".join(f"noise {r:g}" for r in rates) + " |",
+        out += [f"## {metric}", "", "| method | " + " | ".join(f"noise {r}" for r in rates) + " |",
                 "|---|" + "---|" * len(rates)]
         for m in methods:
             cells = []
@@ -130,7 +141,7 @@ def markdown(study, results: list[dict], rows: list[dict]) -> str:
             for rate in rates:
                 cells = [erows.get((m, rate, k)) for k in EFFECT_KEYS]
                 if any(cells):
-                    out.append(f"| {m} | {rate:g} | " + " | ".join(
+                    out.append(f"| {m} | {rate} | " + " | ".join(
                         "" if c is None else f"{_num(c['mean'], 4)} [{_num(c['ci_low'], 4)}, {_num(c['ci_high'], 4)}]"
                         for c in cells) + " |")
         out.append("")
@@ -138,15 +149,36 @@ def markdown(study, results: list[dict], rows: list[dict]) -> str:
             "| noise | seed | n_noisy | n_clean | correct (noisy) | correct (clean) | wrong labels in noisy |", "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in results:
-        key = (r["noise"], r["seed"])
+        key = (cond(r), r["seed"])
         if key in seen:
             continue
         seen.add(key)
         s = r["split"]
-        out.append(f"| {r['noise']:g} | {r['seed']} | {s.get('n_noisy')} | {s.get('n_clean')} | "
+        out.append(f"| {cond(r)} | {r['seed']} | {s.get('n_noisy')} | {s.get('n_clean')} | "
                    f"{_num(s.get('label_correct/noisy'))} | {_num(s.get('label_correct/clean'))} | "
                    f"{_num(s.get('wrong_labels_in_noisy'))} |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + flip_table(results)) + "\n"
+
+
+def flip_table(results: list[dict]) -> list[str]:
+    """study.md's flip recall / precision per noise setting, seed and split rule, beside a random
+    split of the same size (rows only where labels were flipped)."""
+    out, seen = [], set()
+    for r in results:
+        det = (r.get("split") or {}).get("flip_detection") or {}
+        key = (cond(r), r["seed"])
+        if not det or key in seen or r["noise"] == 0:
+            continue
+        seen.add(key)
+        for rule, d in det.items():
+            out.append(f"| {cond(r)} | {r['seed']} | {rule} | {d['n_noisy']} | {_num(d['recall'])} | "
+                       f"{_num(d['random_recall'])} | {_num(d['precision'])} | {_num(d['random_precision'])} |")
+    if not out:
+        return []
+    return ["", "## Flip detection (recall: share of flipped pairs in the noisy part; precision: share of the noisy "
+            "part that is flipped; random: a random split of the same size)", "",
+            "| noise | seed | rule | n_noisy | recall | random recall | precision | random precision |",
+            "|---|---|---|---|---|---|---|---|"] + out
 
 
 def _slug(s: str) -> str:
@@ -159,18 +191,24 @@ def write_plots(root: Path, study, results: list[dict], rows: list[dict]) -> lis
     from compo.research.plots import plot_margin_histograms, plot_metric_vs_noise, plot_trajectories
 
     plots = root / "plots"
-    out = [plot_metric_vs_noise(rows, m, plots / f"{_slug(m)}_vs_noise.png") for m in study.metrics]
+    out = []
+    biases = sorted({r["bias"] for r in rows if r["noise"] > 0}) or ["uniform"]
+    for bias in biases:  # one curve per method over the rates of each bias (noise 0 in every one)
+        part = [r for r in rows if r["noise"] == 0 or r["bias"] == bias]
+        tag, what = (f"_{bias}", f" ({bias} flips)") if len(biases) > 1 else ("", "")
+        out += [plot_metric_vs_noise(part, m, plots / f"{_slug(m)}_vs_noise{tag}.png", f"{m} vs label noise{what}")
+                for m in study.metrics]
     seed0 = min(r["seed"] for r in results)
-    for rate in sorted({r["noise"] for r in results}):
-        cells = [r for r in results if r["noise"] == rate and r["seed"] == seed0]
+    for label in dict.fromkeys(cond(r) for r in results):
+        cells = [r for r in results if cond(r) == label and r["seed"] == seed0]
         margins = {"reference": cells[0]["margins"]["reference"]}
         margins.update({r["method"]: r["margins"]["final"] for r in cells})
-        out.append(plot_margin_histograms(margins, plots / f"margins_noise{rate:g}.png",
-                                          f"held-out margins, noise {rate:g} (seed {seed0})"))
+        out.append(plot_margin_histograms(margins, plots / f"margins_noise{label}.png",
+                                          f"held-out margins, noise {label} (seed {seed0})"))
         for r in cells:
             if r["stage"] == "stage2":
-                out.append(plot_trajectories(r["tracks"], plots / f"trajectories_{_slug(r['method'])}_noise{rate:g}.png",
-                                             f"{r['method']}: tracked noisy pairs during stage 2 (noise {rate:g})"))
+                out.append(plot_trajectories(r["tracks"], plots / f"trajectories_{_slug(r['method'])}_noise{label}.png",
+                                             f"{r['method']}: tracked noisy pairs during stage 2 (noise {label})"))
     return out
 
 
@@ -183,17 +221,17 @@ def write_report(root: Path, study, results: list[dict], say=print) -> dict:
     say(f"study: wrote {root / 'study.csv'}, {root / 'study.md'} and {len(plots)} plots in {root / 'plots'}")
     for r in rows:
         if r["metric"] == study.metrics[0]:
-            say(f"  {r['method']:18s} noise {r['noise']:<5g} {r['metric']} = {_num(r['mean'])} "
+            say(f"  {r['method']:18s} noise {r['condition']:<5s} {r['metric']} = {_num(r['mean'])} "
                 f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]  (n={r['n']})")
     effects = [dict(r, metrics=r["stage2_effect"]) for r in results if r.get("stage2_effect")]
     for e in aggregate(effects, ["accuracy"]):
-        seeds = [r for r in effects if (r["method"], r["noise"]) == (e["method"], e["noise"])]
+        seeds = [r for r in effects if (r["method"], cond(r)) == (e["method"], e["condition"])]
         if e["n"] > 1:  # each seed's paired interval, then the mean with its t interval over seeds
             for r in seeds:
                 v = r["metrics"]["accuracy"]
-                say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}, seed {r['seed']}: accuracy "
+                say(f"  stage 2 effect of {e['method']} at noise {e['condition']}, seed {r['seed']}: accuracy "
                     f"{100 * v['value']:+.2f} pts [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}]")
         over = f", mean of {e['n']} seeds" if e["n"] > 1 else ""
-        say(f"  stage 2 effect of {e['method']} at noise {e['noise']:g}{over}: accuracy {100 * e['mean']:+.2f} pts "
+        say(f"  stage 2 effect of {e['method']} at noise {e['condition']}{over}: accuracy {100 * e['mean']:+.2f} pts "
             f"[{100 * e['ci_low']:+.2f}, {100 * e['ci_high']:+.2f}]")
     return {"rows": rows, "plots": plots}

@@ -3,6 +3,7 @@ scores kept in eval_scores.json (reused on resume), and stage 2's own paired eff
 
 from __future__ import annotations
 
+from compo.core import fingerprint
 from compo.core.config import RunConfig
 from compo.core.dist import broadcast_object, world_info
 from compo.scoring.evaluate import bootstrap_means, paired_differences, with_intervals
@@ -34,6 +35,9 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
         say(f"eval: dropped {enc.n_dropped} of {len(ws.eval)} held-out pairs whose prompt exceeds "
             f"data.max_prompt_length={cfg.data.max_prompt_length}")
     sources = [ws.eval[it.index].source for it in enc.items]
+    key = fingerprint.reference_key(cfg) if label == "reference" else None
+    if key is not None and not reuse and ws.run.eval_scores.exists():  # the same reference and pairs (a study's other noise rate)
+        reuse = read_json(ws.run.eval_scores).get("reference_key") == key
     scores = saved_eval(ws, label, sources) if reuse else None
     if reuse:  # every process takes rank 0's answer, so all of them score (a collective) or none
         scores = broadcast_object(scores)
@@ -49,6 +53,8 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
         if saved.get("sources") != sources:
             saved = {"sources": sources}
         saved[label] = scores.to_json()
+        if key is not None:
+            saved["reference_key"] = key
         atomic_write_json(ws.run.eval_scores, saved)
     return out, scores
 

@@ -200,7 +200,12 @@ def check_shared_prompt(model) -> None:
     inner = unwrapped(model)  # checked once, before or inside its DDP / FSDP wrapper
     if inner in _SHARED_OK:
         return
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
+    dtype = param.dtype
+    if torch.is_autocast_enabled(param.device.type):
+        dtype = torch.get_autocast_dtype(param.device.type)
+    elif getattr(model, "_original_forward", None) is not None:  # accelerate's autocast wrapper (stage1.mixed_precision)
+        dtype = torch.bfloat16
     tol = max(1e-3, 64 * torch.finfo(dtype).eps)
     name = type(inner).__name__
     try:
@@ -264,7 +269,17 @@ def score_pairs(
 
     ``shared``: a pair's prompt goes through the model once (``model.share_prompt``).
     ``distributed`` (every process must call it): each process scores a contiguous share of the
-    batches and all get every score (:func:`score_pairs_sharded`)."""
+    batches and all get every score (:func:`score_pairs_sharded`).
+
+    Pairs are scored longest first (batches of similar lengths: little padding, and the largest
+    batch, the one that could run out of memory, comes first); scores return in ``items`` order."""
+    order = sorted(range(len(items)), key=lambda i: -_pair_length(items[i]))
+    if order != list(range(len(items))):
+        scores = score_pairs(model, [items[i] for i in order], pad_id, batch_size, desc, progress, distributed, shared)
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        return PairScores(*(t[back] for t in (scores.chosen, scores.rejected, scores.chosen_tokens,
+                                               scores.rejected_tokens)))
     if distributed:
         return score_pairs_sharded(model, items, pad_id, batch_size, desc, progress, shared)
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -280,6 +295,10 @@ def score_pairs(
         return PairScores(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     lp, nt = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     return PairScores(lp[0], lp[1], nt[0], nt[1])
+
+
+def _pair_length(item: Encoded) -> int:
+    return len(item.prompt) + sum(len(c) for c in item.completions)
 
 
 def score_pairs_sharded(
