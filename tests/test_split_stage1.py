@@ -11,7 +11,7 @@ import yaml
 from compo.cli import main
 from compo.core import fingerprint
 from compo.core.config import load_config
-from compo.pipeline import flip_detection
+from compo.run.split_stage import flip_detection
 from compo.scoring.logprobs import PairScores
 from compo.train import split_model
 

@@ -217,6 +217,7 @@ class EvalConfig(_Section):
     judge: Optional[str] = Field(None, description="Pairwise judge for the win rate vs the reference (openai, anthropic, reward_model, module:Class).")
     judge_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the judge.")
     out: str = Field("eval.json", description="Output file, relative to run_dir unless absolute.")
+    cache_hidden_mb: int = Field(0, ge=0, description="Keep the held-out pairs' output-layer inputs after stage 1 (eval_hidden.pt, up to this many MB) so stage 2's evaluation runs the head alone; 0 = off.")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":

@@ -43,7 +43,11 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
         scores = broadcast_object(scores)
     if scores is not None:
         say(f"eval {label}: reusing the held-out scores in {ws.run.eval_scores}")
-    else:
+    elif label in ("stage1", "stage2") and cfg.eval.cache_hidden_mb and world_info()[0] == 1:
+        from compo.run import head_eval
+
+        scores = head_eval.scores(ws, enc.items, sources, label)
+    if scores is None:
         scores = score_pairs(ws.model, enc.items, ws.pad_id, cfg.split.batch_size, desc=f"eval {label}".strip(),
                              distributed=True, shared=cfg.model.share_prompt)
     out = with_intervals(scores, ref, cfg.stage1.beta, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)

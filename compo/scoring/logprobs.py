@@ -273,7 +273,7 @@ def score_pairs(
 
     Pairs are scored longest first (batches of similar lengths: little padding, and the largest
     batch, the one that could run out of memory, comes first); scores return in ``items`` order."""
-    order = sorted(range(len(items)), key=lambda i: -_pair_length(items[i]))
+    order = sorted(range(len(items)), key=lambda i: -pair_length(items[i]))
     if order != list(range(len(items))):
         scores = score_pairs(model, [items[i] for i in order], pad_id, batch_size, desc, progress, distributed, shared)
         back = torch.empty(len(order), dtype=torch.long)
@@ -297,7 +297,7 @@ def score_pairs(
     return PairScores(lp[0], lp[1], nt[0], nt[1])
 
 
-def _pair_length(item: Encoded) -> int:
+def pair_length(item: Encoded) -> int:
     return len(item.prompt) + sum(len(c) for c in item.completions)
 
 
