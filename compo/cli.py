@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a run-config key in every cell (repeatable).")
     p.add_argument("--study-dir", metavar="DIR", help="Study directory (overrides study_dir).")
+    p.add_argument("--report-only", action="store_true", help="Write study.csv, study.md and the plots from the "
+                   "cells finished so far (of a running or interrupted study); run nothing.")
     p.add_argument("--debug", action="store_true", help="Show Python tracebacks on errors.")
     _verbosity(p)
     return parser
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             study, cells = load_study(args.config, args.overrides, args.study_dir)
             for cell in cells.values():  # a missing tracker package fails before the first cell
                 check(cell)
+            if args.report_only:
+                done = Runner(study, cells, progress.say).report()
+                progress.result(f"compo study: reported {done} of {len(cells)} cells; {study.study_dir}/study.md")
+                return 0
             Runner(study, cells, progress.say).run()
             progress.result(f"compo study: done, {len(cells)} cells; results in {study.study_dir}/study.md")
             return 0

@@ -53,6 +53,10 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     first = (root / "cells" / done[0]).stat().st_mtime_ns
     stage1_dir = next((root / "runs").glob("s0_n0_stage1-*"))
     stage1_lines = (stage1_dir / "metrics.jsonl").read_text()
+    assert main(["study", "-c", str(path), "--report-only"]) == 0  # a report of the finished cell; nothing run
+    assert "3 of 4 cells not finished yet (first: s0_n0_compo_projected)" in capsys.readouterr().out
+    assert {r["cell"] for r in csv.DictReader((root / "study.csv").open())} == {"s0_n0_dpo_clean"}
+    assert sorted(p.name for p in (root / "cells").glob("*.json")) == done
 
     res = _run(path)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -160,6 +164,10 @@ def test_study_config_errors_name_the_key(tmp_path, capsys):
     assert main(["study", "-c", str(path)]) == 2
     assert "methods.no_such_method: unknown preset" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+    spec["methods"] = ["dpo_clean"]
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", "-c", str(path), "--report-only"]) == 2
+    assert "no finished cell to report yet" in capsys.readouterr().err
 
 
 def test_every_shipped_study_config_validates():

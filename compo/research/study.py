@@ -343,6 +343,22 @@ class Runner:
                 raise UserError(str(path), f"cell {name} ran with another config ({fingerprint.describe(diff, old, new, 3)}); "
                                 f"give a new --study-dir, or move {self.root} away to start over")
 
+    def report(self) -> int:
+        """The report of the cells finished so far (checked against this config first); runs
+        nothing. Returns how many cells it covers."""
+        from compo.research.study_report import write_report
+
+        self.check_recorded()
+        results = [read_json(self.cell_result(n)) for n in self.cells if self.cell_result(n).exists()]
+        if not results:
+            raise UserError(str(self.root / "cells"), "no finished cell to report yet")
+        missing = [n for n in self.cells if not self.cell_result(n).exists()]
+        if missing:
+            self.say(f"study: {len(missing)} of {len(self.cells)} cells not finished yet (first: {missing[0]}); "
+                     "the report covers the others")
+        write_report(self.root, self.study, results, self.say)
+        return len(results)
+
     def run(self) -> list[dict]:
         """Every cell (finished ones read back), then the CSV, Markdown and plots."""
         from compo.research.study_report import write_report
