@@ -1,6 +1,7 @@
 """``split.score: stage1`` (the small-loss split), flip detection figures, and reference log-probs
 shared between runs of one reference (a study's noise settings)."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_a_study_trains_one_brief_model_per_noise_setting(tmp_path, monkeypatch,
             "overrides": {"data.toy.n_train": 96, "data.toy.n_eval": 48, "model.toy.sft_steps": 40,
                           "data.toy.noise": 0.0, "stage1.epochs": 1, "split.rule": "quantile", "split.score": "stage1",
                           "split.stage1_steps": 6, "eval.bootstrap": 100},
-            "methods": ["dpo_clean", "dpo_all"], "metrics": ["accuracy"]}
+            "methods": ["dpo_clean", "dpo_all"], "metrics": ["accuracy"], "baseline": "dpo_all"}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["study", "-c", str(path)]) == 0
@@ -119,6 +120,16 @@ def test_a_study_trains_one_brief_model_per_noise_setting(tmp_path, monkeypatch,
     cell = json.loads((root / "cells" / "s0_n0.25u_dpo_clean.json").read_text())
     assert cell["bias"] == "uniform" and cell["condition"] == "0.25u"
     assert set(cell["split"]["flip_detection"]) == {"reference", "stage1"}
+    # dpo_clean against dpo_all on the same held-out pairs: the mean of the per-pair differences
+    paired = list(csv.DictReader((root / "paired.csv").open()))
+    assert len(paired) == 6 and {r["method"] for r in paired} == {"dpo_clean"}
+    other = json.loads((root / "cells" / "s0_n0.25u_dpo_all.json").read_text())
+    acc = lambda c: [m > 0 for m in c["margins"]["final"]]  # noqa: E731
+    want = (sum(acc(cell)) - sum(acc(other))) / len(acc(cell))
+    row = next(r for r in paired if r["cell"] == "s0_n0.25u_dpo_clean" and r["metric"] == "accuracy")
+    assert float(row["value"]) == pytest.approx(want, abs=1e-12) and row["n"] == "48" and row["bias"] == "uniform"
+    assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"])
+    assert "## Paired against dpo_all" in md
     # the held-out reference scores of the three settings are the same numbers, scored once
     refs = {json.dumps(json.loads((d / "eval_scores.json").read_text())["reference"])
             for d in (root / "runs").glob("*_stage1-*")}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compo.core import fingerprint
 from compo.core.config import ConfigError, RunConfig, load_config
@@ -66,6 +66,8 @@ class StudyConfig(BaseModel):
                                                "compo_topk, bco_clean, kto_clean) starts from that preset.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Config overrides applied to every cell.")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS), description="Metrics in study.md and the plots.")
+    baseline: Optional[str] = Field(None, description="A method every other one is compared with on the same held-out "
+                                    "pairs (paired intervals per seed: study.md, paired.csv); None = no comparison.")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -91,6 +93,12 @@ class StudyConfig(BaseModel):
         if len(set(keys)) != len(keys):
             raise ValueError("noise settings must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _baseline(self) -> "StudyConfig":
+        if self.baseline is not None and self.baseline not in self.methods:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the methods ({', '.join(self.methods)})")
+        return self
 
     def settings(self) -> list[tuple[float, str]]:
         """(rate, bias) of every noise setting, in order."""

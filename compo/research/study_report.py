@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import torch
 
 from compo.core.config import RunConfig
 from compo.scoring.evaluate import paired_differences, pair_values, summarise
@@ -181,6 +182,68 @@ def flip_table(results: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|---|---|"] + out
 
 
+PAIRED_KEYS = ("accuracy", "rewards/accuracies")
+
+
+def _per_pair(cell: dict) -> dict[str, torch.Tensor]:
+    """A cell's per-held-out-pair accuracy and implicit-reward accuracy, from its margins."""
+    fin = torch.tensor(cell["margins"]["final"], dtype=torch.float64)
+    ref = torch.tensor(cell["margins"]["reference"], dtype=torch.float64)
+    return {"accuracy": (fin > 0).double(), "rewards/accuracies": (fin > ref).double()}
+
+
+def paired_vs_baseline(results: list[dict], baseline: str, n_boot: int, level: float) -> list[dict]:
+    """Per (method, noise setting, seed): the method minus ``baseline`` on the same held-out pairs,
+    with a paired bootstrap interval (the pairs resampled together, seeded by the seed)."""
+    base = {(cond(r), r["seed"]): r for r in results if r["method"] == baseline}
+    rows = []
+    for r in results:
+        b = base.get((cond(r), r["seed"]))
+        if r["method"] == baseline or b is None or len(b["margins"]["final"]) != len(r["margins"]["final"]):
+            continue
+        mine, theirs = _per_pair(r), _per_pair(b)
+        diff = {k: mine[k] - theirs[k] for k in PAIRED_KEYS}
+        for k, v in summarise(diff, n_boot, level, r["seed"]).items():
+            rows.append({"cell": r["cell"], "method": r["method"], "baseline": baseline, "noise": r["noise"],
+                         "bias": r.get("bias", "uniform"), "condition": cond(r), "seed": r["seed"], "metric": k, **v})
+    return rows
+
+
+def paired_table(rows: list[dict], baseline: str) -> list[str]:
+    """study.md's paired comparison: per method and noise setting, each seed's difference and, with
+    several seeds, their mean with a t interval."""
+    if not rows:
+        return []
+    out = ["", f"## Paired against {baseline} (method minus {baseline}, same held-out pairs; points)", "",
+           "| method | noise | metric | " + "per seed: difference [paired 95% interval] | mean over seeds [t interval] |",
+           "|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["condition"], r["metric"]), []).append(r)
+    for (method, label, metric), rs in groups.items():
+        per = "; ".join(f"s{r['seed']} {100 * r['value']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
+                        for r in rs)
+        xs = [r["value"] for r in rs]
+        mean = ""
+        if len(xs) >= 2:
+            m = sum(xs) / len(xs)
+            sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+            half = T975.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+            mean = f"{100 * m:+.2f} [{100 * (m - half):+.2f}, {100 * (m + half):+.2f}]"
+        out.append(f"| {method} | {label} | {metric} | {per} | {mean} |")
+    return out
+
+
+def _paired_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    cols = ["cell", "method", "baseline", "noise", "bias", "seed", "metric", "value", "ci_low", "ci_high", "n"]
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([r[c] if c != "bias" or r["noise"] > 0 else "none" for c in cols])
+    return buf.getvalue()
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", s).strip("_")
 
@@ -216,7 +279,17 @@ def write_report(root: Path, study, results: list[dict], say=print) -> dict:
     """study.csv (one row per cell and metric), study.md and plots/*.png."""
     rows = aggregate(results, study.metrics)
     atomic_write_text(root / "study.csv", _csv(results))
-    atomic_write_text(root / "study.md", markdown(study, results, rows))
+    md = markdown(study, results, rows)
+    if study.baseline:
+        fp = results[0].get("fingerprint") or {}
+        paired = paired_vs_baseline(results, study.baseline, fp.get("eval.bootstrap", 1000), fp.get("eval.level", 0.95))
+        atomic_write_text(root / "paired.csv", _paired_csv(paired))
+        md += "\n".join(paired_table(paired, study.baseline)) + "\n"
+        for r in paired:
+            if r["metric"] == "accuracy":
+                say(f"  {r['method']} minus {study.baseline} at noise {r['condition']}, seed {r['seed']}: accuracy "
+                    f"{100 * r['value']:+.2f} pts [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] (paired)")
+    atomic_write_text(root / "study.md", md)
     plots = write_plots(root, study, results, rows)
     say(f"study: wrote {root / 'study.csv'}, {root / 'study.md'} and {len(plots)} plots in {root / 'plots'}")
     for r in rows:
