@@ -79,6 +79,7 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     assert all(r["n"] == "48" for r in acc)
     md = (root / "study.md").read_text()
     assert "## accuracy" in md and "| compo_projected |" in md and "noise 0.3" in md
+    assert "| compo_projected | 0.3 | " in md and "| compo_projected | 0 | " in md  # stage 2's own effect, per noise rate
     pngs = sorted((root / "plots").glob("*.png"))
     names = {p.name for p in pngs}
     assert {"accuracy_vs_noise.png", "shift_chosen_vs_noise.png", "margins_noise0.png", "margins_noise0.3.png",

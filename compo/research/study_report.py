@@ -134,7 +134,7 @@ def markdown(study, results: list[dict], rows: list[dict]) -> str:
         out.append("")
     effects = [dict(r, metrics=r["stage2_effect"]) for r in results if r.get("stage2_effect")]
     if effects:
-        erows = {(e["method"], e["noise"], e["metric"]): e for e in aggregate(effects, list(EFFECT_KEYS))}
+        erows = {(e["method"], e["condition"], e["metric"]): e for e in aggregate(effects, list(EFFECT_KEYS))}
         out += ["## Stage 2's own effect (after stage 2 minus after stage 1, same held-out pairs, paired interval)", "",
                 "| method | noise | " + " | ".join(f"delta {k}" for k in EFFECT_KEYS) + " |",
                 "|---|---|" + "---|" * len(EFFECT_KEYS)]
