@@ -30,14 +30,21 @@ def _pipeline(run_dir: Path, sets: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("head_eval")
-    kept = _pipeline(root / "kept", ["eval.cache_hidden_mb=64"])
-    plain = _pipeline(root / "plain", [])
-    return root, kept, plain
+    answers = []  # what each stage-2 evaluation got from the kept hidden states (None: a full forward)
+    real = head_eval.head_only
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(head_eval, "head_only", lambda *a: answers.append(real(*a)) or answers[-1])
+        kept = _pipeline(root / "kept", ["eval.cache_hidden_mb=64"])
+        plain = _pipeline(root / "plain", [])
+    return root, kept, plain, answers
 
 
 def test_stage2_is_scored_from_the_kept_hidden_states(runs):
-    root, kept, plain = runs
+    root, kept, plain, answers = runs
     assert (root / "kept" / head_eval.FILE).exists() and not (root / "plain" / head_eval.FILE).exists()
+    # the kept run's stage 2 went through the head alone; the plain run never asked
+    assert len(answers) == 1 and answers[0] is not None
+    assert answers[0].chosen.tolist() == kept["stage2"]["logp_chosen"]
     # the same numbers a full forward gives, to float rounding
     for label in ("stage1", "stage2"):
         for k in ("logp_chosen", "logp_rejected"):
@@ -60,7 +67,7 @@ def test_stage2_is_scored_from_the_kept_hidden_states(runs):
 
 
 def test_another_stage1_or_other_pairs_fall_back_to_a_full_forward(runs):
-    root, kept, _ = runs
+    root, kept, _, _ = runs
     cfg = load_config(TINY, SETS)
     model, _ = load_pretrained(str(root / "kept" / "model"), cfg)
     path = root / "kept" / head_eval.FILE

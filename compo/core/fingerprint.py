@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -107,15 +108,17 @@ def current(cfg: RunConfig, stage: str, after_stage1: bool = False) -> dict[str,
     return redact(fp)  # recorded in run directories and study cells: no API key or URL credential
 
 
+def digest(fp: dict, length: int = 16) -> str:
+    """A short, order-independent hash of a fingerprint dict (names and keys of shared work)."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def reference_key(cfg: RunConfig) -> str:
     """A short hash of what the reference log-probs of the training and held-out pairs depend on
     (model, data, length policy, seed; not the injected noise or the split rule): runs with the
     same key can share those scores (a study's noise rates do)."""
-    import json
-
-    fp = {k: v for k, v in current(cfg, "split").items()
-          if k.startswith(REFERENCE_SCOPE) and not k.startswith("data.noise.")}
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest({k: v for k, v in current(cfg, "split").items()
+                   if k.startswith(REFERENCE_SCOPE) and not k.startswith("data.noise.")})
 
 
 def merged(fps: Iterable[dict]) -> dict[str, Any]:

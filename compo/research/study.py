@@ -10,7 +10,6 @@ off is cloned, then resumed, so only stage 2 runs). A finished cell writes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -172,10 +171,6 @@ def cell_config(base: Path, study: StudyConfig, seed: int, rate: float, method: 
         raise ConfigError([(f"cell {name}: {w}", m) for w, m in e.problems]) from None
 
 
-def _key(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def _clone(src: Path, dst: Path) -> None:
     """Copy a run directory: weights hard-linked (they are only ever replaced, never edited in
     place), everything else copied (metrics.jsonl is appended to); checkpoints left out."""
@@ -215,12 +210,9 @@ def _seed_reference(donor: Path, target: Path) -> None:
 
 
 def _seed_split(donor: Path, target: Path) -> None:
-    """Give a fresh stage-1 run the reference scoring of another run of the same split."""
-    target.mkdir(parents=True, exist_ok=True)
+    """Give a fresh stage-1 run the split (and reference scoring) of another run of the same split."""
+    _seed_reference(donor, target)
     shutil.copy2(donor / "split.jsonl", target / "split.jsonl")
-    for name in ("reference_scores.json",):
-        if (donor / name).exists():
-            shutil.copy2(donor / name, target / name)
     if (donor / "split_stage1").exists() and not (target / "split_stage1").exists():  # split.score stage1's model
         _clone(donor / "split_stage1", target / "split_stage1")
     if (donor / "reference").exists() and not (target / "reference").exists():
@@ -230,9 +222,6 @@ def _seed_split(donor: Path, target: Path) -> None:
         summary = read_json(donor / "summary.json")
         atomic_write_json(target / "summary.json", {k: summary[k] for k in ("n_pairs", "n_clean", "n_noisy", "split")
                                                     if k in summary})
-    if (donor / "eval_scores.json").exists():
-        saved = read_json(donor / "eval_scores.json")
-        atomic_write_json(target / "eval_scores.json", {k: saved[k] for k in ("sources", "reference", "reference_key") if k in saved})
 
 
 #: Eval options that change a cell's intervals (the rest concern `compo eval`).
@@ -279,18 +268,18 @@ class Runner:
         group = cfg.model_copy(deep=True)
         group.zo.enabled = False
         fp1 = fingerprint.current(group, "stage1")
-        d = self.root / "runs" / f"{_prefix(name)}_stage1-{_key(fp1)}"
+        d = self.root / "runs" / f"{_prefix(name)}_stage1-{fingerprint.digest(fp1, 10)}"
         group.run_dir = str(d)
+        split_key, ref_key = fingerprint.digest(fingerprint.current(group, "split"), 10), fingerprint.reference_key(group)
         if not _finished(d, "stage1"):
-            split_key = _key(fingerprint.current(group, "split"))
             donor = self.splits.get(split_key)
             if donor is not None and not (d / "split.jsonl").exists():
                 _seed_split(donor, d)
-            elif donor is None and fingerprint.reference_key(group) in self.references:
-                _seed_reference(self.references[fingerprint.reference_key(group)], d)
+            elif donor is None and ref_key in self.references:
+                _seed_reference(self.references[ref_key], d)
             self._pipeline(group)
-        self.splits.setdefault(_key(fingerprint.current(group, "split")), d)
-        self.references.setdefault(fingerprint.reference_key(group), d)
+        self.splits.setdefault(split_key, d)
+        self.references.setdefault(ref_key, d)
         return d
 
     def _pipeline(self, cfg: RunConfig) -> None:

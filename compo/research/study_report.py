@@ -69,6 +69,14 @@ def cond(r: dict) -> str:
     return r.get("condition") or f"{r['noise']:g}"
 
 
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of two or more seeds' values with its 95% t interval."""
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    half = T975.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+    return mean, mean - half, mean + half
+
+
 def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
     """(method, noise setting, metric) rows: mean over seeds with a t interval, or with one seed
     the run's own bootstrap interval."""
@@ -84,10 +92,7 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
         noise, bias = setting[label]
         xs = [v["value"] for v in vals if v["value"] is not None and math.isfinite(v["value"])]
         if len(xs) >= 2:
-            mean = sum(xs) / len(xs)
-            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-            half = T975.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
-            lo, hi = mean - half, mean + half
+            mean, lo, hi = t_interval(xs)
         else:
             mean = xs[0] if xs else math.nan
             lo, hi = vals[0]["ci_low"], vals[0]["ci_high"]
@@ -223,13 +228,10 @@ def paired_table(rows: list[dict], baseline: str) -> list[str]:
     for (method, label, metric), rs in groups.items():
         per = "; ".join(f"s{r['seed']} {100 * r['value']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
                         for r in rs)
-        xs = [r["value"] for r in rs]
         mean = ""
-        if len(xs) >= 2:
-            m = sum(xs) / len(xs)
-            sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-            half = T975.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
-            mean = f"{100 * m:+.2f} [{100 * (m - half):+.2f}, {100 * (m + half):+.2f}]"
+        if len(rs) >= 2:
+            m, lo, hi = t_interval([r["value"] for r in rs])
+            mean = f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         out.append(f"| {method} | {label} | {metric} | {per} | {mean} |")
     return out
 

@@ -11,8 +11,6 @@ file, another stage 1, other pairs, several processes) falls back to a full forw
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +21,7 @@ from compo.core import fingerprint
 from compo.core.config import RunConfig
 from compo.core.progress import bar, say
 from compo.data.encode import Encoded
-from compo.scoring.logprobs import PairScores, pair_length
+from compo.scoring.logprobs import PairScores, longest_first
 from compo.zo.head import HeadInputs, capture, head_logps
 
 FILE = "eval_hidden.pt"
@@ -31,8 +29,7 @@ FILE = "eval_hidden.pt"
 
 def cache_key(cfg: RunConfig) -> str:
     """What the kept hidden states depend on: everything up to and including stage 1."""
-    fp = fingerprint.current(cfg, "stage1")
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint.digest(fingerprint.current(cfg, "stage1"))
 
 
 def size_mb(items: Sequence[Encoded], hidden_size: int) -> float:
@@ -60,7 +57,7 @@ def _scores(parts: list[tuple[list[int], torch.Tensor, torch.Tensor]], n: int) -
 def score_and_keep(model, items: Sequence[Encoded], pad_id: int, batch_size: int, shared: bool, path: Path,
                    key: str, sources: list[str]) -> PairScores:
     """Score ``items`` through the body once (longest first), keeping the head's inputs in ``path``."""
-    order = sorted(range(len(items)), key=lambda i: -pair_length(items[i]))
+    order = longest_first(items)
     w, _ = _head(model)
     was_training = model.training
     model.eval()
@@ -72,7 +69,7 @@ def score_and_keep(model, items: Sequence[Encoded], pad_id: int, batch_size: int
             inp = capture(model, [items[i] for i in idx], pad_id, check=False, shared=shared)
             parts.append((idx, head_logps(w, inp), torch.bincount(inp.seq, minlength=inp.n_seq)))
             kept.append({"idx": idx, "h": inp.h.cpu(), "targets": inp.targets.cpu(), "seq": inp.seq.cpu(),
-                         "n_seq": inp.n_seq, "bias": None if inp.bias is None else inp.bias.cpu()})
+                         "n_seq": inp.n_seq})
     finally:
         model.train(was_training)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -89,11 +86,10 @@ def head_only(model, path: Path, key: str, sources: list[str]) -> PairScores | N
     saved = torch.load(path, weights_only=True)
     if saved.get("key") != key or saved.get("sources") != sources:
         return None
-    w, _ = _head(model)
+    w, bias = _head(model)
     device = w.device
     parts = []
     for b in bar(saved["batches"], "eval stage2 (head only)", unit="batch", transient=True):
-        bias = b["bias"].to(device) if b["bias"] is not None else None
         inp = HeadInputs(b["h"].to(device), b["targets"].to(device), b["seq"].to(device), b["n_seq"], None, bias)
         parts.append((b["idx"], head_logps(w, inp), torch.bincount(inp.seq, minlength=inp.n_seq)))
     return _scores(parts, len(sources))

@@ -273,7 +273,7 @@ def score_pairs(
 
     Pairs are scored longest first (batches of similar lengths: little padding, and the largest
     batch, the one that could run out of memory, comes first); scores return in ``items`` order."""
-    order = sorted(range(len(items)), key=lambda i: -pair_length(items[i]))
+    order = longest_first(items)
     if order != list(range(len(items))):
         scores = score_pairs(model, [items[i] for i in order], pad_id, batch_size, desc, progress, distributed, shared)
         back = torch.empty(len(order), dtype=torch.long)
@@ -297,8 +297,9 @@ def score_pairs(
     return PairScores(lp[0], lp[1], nt[0], nt[1])
 
 
-def pair_length(item: Encoded) -> int:
-    return len(item.prompt) + sum(len(c) for c in item.completions)
+def longest_first(items: Sequence[Encoded]) -> list[int]:
+    """Indices of ``items``, longest pair (prompt and both completions) first; ties keep their order."""
+    return sorted(range(len(items)), key=lambda i: -(len(items[i].prompt) + sum(len(c) for c in items[i].completions)))
 
 
 def score_pairs_sharded(

@@ -53,14 +53,12 @@ def lowest(scores: torch.Tensor, quantile: float) -> torch.Tensor:
     return mask
 
 
-def _saved_model(run: RunDir, fp: dict):
-    """The brief model kept in run_dir/split_stage1 for this split fingerprint, or None."""
+def _kept(run: RunDir, fp: dict) -> bool:
+    """Does run_dir/split_stage1 hold a finished brief model of this split fingerprint?"""
     marker = stage_marker(run.model)
     if marker is None or marker.get("stage") != "stage1" or not run.fingerprint.exists():
-        return None
-    if fingerprint.differences(read_json(run.fingerprint).get("split", {}), fp):
-        return None
-    return run
+        return False
+    return not fingerprint.differences(read_json(run.fingerprint).get("split", {}), fp)
 
 
 def brief_scores(model, tokenizer, items: list[Encoded], ref: PairScores, cfg: RunConfig, run_root,
@@ -72,7 +70,7 @@ def brief_scores(model, tokenizer, items: list[Encoded], ref: PairScores, cfg: R
     brief = brief_config(cfg)
     sub = RunDir(run_root / DIR)
     fp = fingerprint.current(cfg, "split")
-    if _saved_model(sub, fp) is not None:
+    if _kept(sub, fp):
         from compo.scoring.models import load_pretrained
 
         say(f"split: reusing the brief DPO model in {sub.model}")
