@@ -95,6 +95,9 @@ class _Ignores(torch.nn.Module):
     def get_input_embeddings(self):
         return self.inner.get_input_embeddings()
 
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
     def forward(self, **kw):
         if self.drop == "attention_mask":
             kw["attention_mask"] = None  # plain causal attention: rejected tokens see the chosen ones
@@ -112,6 +115,26 @@ def test_a_model_that_ignores_the_mask_or_positions_is_refused(toy_reference, dr
     with pytest.raises(UserError, match=r"model\.share_prompt.*ignores the 4D attention mask or position ids"):
         check_shared_prompt(bad)
     assert pair_logps(bad, ITEMS, 0, shared=False).logps.shape == (6,)  # two rows still work
+
+
+class _Bf16(_Ignores):
+    """_Ignores with its forward run under bf16 autocast, as accelerate's mixed precision wraps it."""
+
+    def forward(self, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward(**kw)
+
+
+def test_the_tolerance_is_that_of_the_dtype_the_head_computes_in(toy_reference):
+    """1e-3 nats/token in fp32; 64 bf16 ulps (0.5) when the forward runs in bf16, whether the
+    caller or a wrapper set the autocast. The toy ignoring its mask is off by ~1.35 either way."""
+    model, _ = toy_reference
+    with pytest.raises(UserError, match=r"tolerance 0\.001\)"):
+        check_shared_prompt(_Ignores(model, "attention_mask"))
+    with pytest.raises(UserError, match=r"tolerance 0\.5\)"):
+        check_shared_prompt(_Bf16(model, "attention_mask"))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(UserError, match=r"tolerance 0\.5\)"):
+        check_shared_prompt(_Ignores(model, "attention_mask"))
 
 
 def test_the_pipeline_splits_the_same_pairs_with_either_layout(tmp_path, capsys):

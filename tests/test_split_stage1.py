@@ -139,7 +139,7 @@ def test_a_study_trains_one_brief_model_per_noise_setting(tmp_path, monkeypatch,
 def test_flip_detection_counts():
     flags = [True, True, False, False, False, True, False, False]
     masks = {"reference": torch.tensor([1, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool),
-             "stage1": torch.tensor([1, 1, 0, 0, 0, 1, 1, 0], dtype=torch.bool), "none": False}
+             "stage1": torch.tensor([1, 1, 0, 0, 0, 1, 1, 0], dtype=torch.bool), "none": None}
     det = flip_detection(flags, masks)
     assert det["reference"] == {"n_noisy": 2, "recall": 1 / 3, "precision": 0.5, "random_recall": 0.25,
                                 "random_precision": 3 / 8}

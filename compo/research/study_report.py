@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from compo.core.config import RunConfig
-from compo.scoring.evaluate import paired_differences, pair_values, summarise
+from compo.scoring.evaluate import paired_differences, pair_values, stratified_mean, summarise
 from compo.scoring.logprobs import PairScores
 from compo.core.rundir import atomic_write_text, read_json, read_jsonl
 
@@ -201,16 +201,23 @@ def paired_vs_baseline(results: list[dict], baseline: str, n_boot: int, level: f
     """Per (method, noise setting, seed): the method minus ``baseline`` on the same held-out pairs,
     with a paired bootstrap interval (the pairs resampled together, seeded by the seed)."""
     base = {(cond(r), r["seed"]): r for r in results if r["method"] == baseline}
-    rows = []
+    rows, strata = [], {}
     for r in results:
         b = base.get((cond(r), r["seed"]))
         if r["method"] == baseline or b is None or len(b["margins"]["final"]) != len(r["margins"]["final"]):
             continue
         mine, theirs = _per_pair(r), _per_pair(b)
         diff = {k: mine[k] - theirs[k] for k in PAIRED_KEYS}
+        head = {"method": r["method"], "baseline": baseline, "noise": r["noise"], "bias": r.get("bias", "uniform"),
+                "condition": cond(r)}
         for k, v in summarise(diff, n_boot, level, r["seed"]).items():
-            rows.append({"cell": r["cell"], "method": r["method"], "baseline": baseline, "noise": r["noise"],
-                         "bias": r.get("bias", "uniform"), "condition": cond(r), "seed": r["seed"], "metric": k, **v})
+            rows.append({"cell": r["cell"], **head, "seed": r["seed"], "metric": k, **v})
+            strata.setdefault((r["method"], cond(r), k), (head, []))[1].append((r["seed"], diff[k]))
+    for (method, label, k), (head, by_seed) in strata.items():
+        if len(by_seed) >= 2:  # the mean over seeds, its pairs resampled within each seed
+            value, lo, hi = stratified_mean([d for _, d in by_seed], n_boot, level, min(s for s, _ in by_seed))
+            rows.append({"cell": f"pooled_{_slug(label)}_{method}", **head, "seed": "pooled", "metric": k,
+                         "value": value, "ci_low": lo, "ci_high": hi, "n": sum(len(d) for _, d in by_seed)})
     return rows
 
 
@@ -220,18 +227,23 @@ def paired_table(rows: list[dict], baseline: str) -> list[str]:
     if not rows:
         return []
     out = ["", f"## Paired against {baseline} (method minus {baseline}, same held-out pairs; points)", "",
-           "| method | noise | metric | " + "per seed: difference [paired 95% interval] | mean over seeds [t interval] |",
+           "Over seeds: the mean of the seeds' differences with two intervals, one resampling the held-out",
+           "pairs within each seed (the training runs held fixed), one a t interval over the seeds.", "",
+           "| method | noise | metric | per seed: difference [paired 95% interval] | mean over seeds "
+           "[pairs resampled] [t over seeds] |",
            "|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["condition"], r["metric"]), []).append(r)
+    pts = lambda v, lo, hi: f"{100 * v:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
     for (method, label, metric), rs in groups.items():
-        per = "; ".join(f"s{r['seed']} {100 * r['value']:+.2f} [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
-                        for r in rs)
+        seeds = [r for r in rs if r["seed"] != "pooled"]
+        per = "; ".join(f"s{r['seed']} {pts(r['value'], r['ci_low'], r['ci_high'])}" for r in seeds)
         mean = ""
-        if len(rs) >= 2:
-            m, lo, hi = t_interval([r["value"] for r in rs])
-            mean = f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        for r in rs:
+            if r["seed"] == "pooled":
+                _, lo, hi = t_interval([s["value"] for s in seeds])
+                mean = f"{pts(r['value'], r['ci_low'], r['ci_high'])} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         out.append(f"| {method} | {label} | {metric} | {per} | {mean} |")
     return out
 
@@ -289,7 +301,8 @@ def write_report(root: Path, study, results: list[dict], say=print) -> dict:
         md += "\n".join(paired_table(paired, study.baseline)) + "\n"
         for r in paired:
             if r["metric"] == "accuracy":
-                say(f"  {r['method']} minus {study.baseline} at noise {r['condition']}, seed {r['seed']}: accuracy "
+                who = "mean over seeds" if r["seed"] == "pooled" else f"seed {r['seed']}"
+                say(f"  {r['method']} minus {study.baseline} at noise {r['condition']}, {who}: accuracy "
                     f"{100 * r['value']:+.2f} pts [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] (paired)")
     atomic_write_text(root / "study.md", md)
     plots = write_plots(root, study, results, rows)

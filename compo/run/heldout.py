@@ -13,14 +13,16 @@ from compo.core.rundir import atomic_write_json, read_json
 from compo.run.workspace import Workspace
 
 
+def _saved(ws: Workspace, sources: list[str]) -> dict:
+    """eval_scores.json when it holds the same held-out pairs, else a fresh record of them."""
+    saved = read_json(ws.run.eval_scores) if ws.run.eval_scores.exists() else {}
+    return saved if saved.get("sources") == sources else {"sources": sources}
+
+
 def saved_eval(ws: Workspace, label: str, sources: list[str]) -> PairScores | None:
     """Held-out scores of ``label`` kept in eval_scores.json for the same held-out pairs."""
-    if not ws.run.eval_scores.exists():
-        return None
-    saved = read_json(ws.run.eval_scores)
-    if saved.get("sources") != sources or label not in saved:
-        return None
-    return PairScores.from_json(saved[label])
+    saved = _saved(ws, sources)
+    return PairScores.from_json(saved[label]) if label in saved else None
 
 
 def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reuse: bool = False) -> tuple[dict, PairScores | None]:
@@ -36,9 +38,10 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
             f"data.max_prompt_length={cfg.data.max_prompt_length}")
     sources = [ws.eval[it.index].source for it in enc.items]
     key = fingerprint.reference_key(cfg) if label == "reference" else None
-    if key is not None and not reuse and ws.run.eval_scores.exists():  # the same reference and pairs (a study's other noise rate)
-        reuse = read_json(ws.run.eval_scores).get("reference_key") == key
-    scores = saved_eval(ws, label, sources) if reuse else None
+    saved = _saved(ws, sources)
+    if key is not None and not reuse:  # the same reference and pairs (a study's other noise rate)
+        reuse = saved.get("reference_key") == key
+    scores = PairScores.from_json(saved[label]) if reuse and label in saved else None
     if reuse:  # every process takes rank 0's answer, so all of them score (a collective) or none
         scores = broadcast_object(scores)
     if scores is not None:
@@ -53,9 +56,6 @@ def evaluate(ws: Workspace, ref: PairScores | None = None, label: str = "", reus
     out = with_intervals(scores, ref, cfg.stage1.beta, cfg.eval.bootstrap, cfg.eval.level, cfg.seed)
     out["n_pairs"], out["n_dropped"] = len(enc.items), enc.n_dropped
     if label and world_info()[1] == 0:
-        saved = read_json(ws.run.eval_scores) if ws.run.eval_scores.exists() else {}
-        if saved.get("sources") != sources:
-            saved = {"sources": sources}
         saved[label] = scores.to_json()
         if key is not None:
             saved["reference_key"] = key

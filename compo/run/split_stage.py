@@ -159,7 +159,8 @@ def run_split(ws: Workspace) -> SplitResult:
     flags = _label_flags(rows)
     if flags is not None:
         stats.update(label_quality(flags, noisy.tolist()))
-        stats["flip_detection"] = flip_detection(flags, {"reference": ref_noisy, "stage1": brief is not None and noisy})
+        rules = {"reference": ref_noisy, "stage1": noisy if brief is not None else None}
+        stats["flip_detection"] = flip_detection(flags, rules)
     stats["score"] = cfg.split.score
     run.update_summary(**{k: stats[k] for k in ("n_pairs", "n_clean", "n_noisy")}, split=stats)
     say(f"split: {stats['n_pairs']} pairs -> {stats['n_clean']} clean, {stats['n_noisy']} noisy "
@@ -197,14 +198,14 @@ def _reference_scores(ws: Workspace, rows: list[PairRow], enc: EncodeResult) -> 
     return scores
 
 
-def flip_detection(flags: list[bool], masks: dict) -> dict:
-    """Per split rule (masks that are not False): flip recall (the share of wrong labels in the
+def flip_detection(flags: list[bool], masks: dict[str, torch.Tensor | None]) -> dict:
+    """Per split rule that ran (its mask is not None): flip recall (the share of wrong labels in the
     noisy part) and precision (the share of the noisy part that is wrong), beside what a random
     split of the same size gives (recall = its share of the pairs, precision = the noise rate)."""
     n, wrong = len(flags), sum(flags)
     out = {}
     for name, mask in masks.items():
-        if mask is False:
+        if mask is None:
             continue
         noisy = mask.tolist()
         k = sum(noisy)

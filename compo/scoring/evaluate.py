@@ -70,6 +70,20 @@ def bootstrap_means(values: dict[str, torch.Tensor], n_boot: int = 1000, level: 
     return out
 
 
+def stratified_mean(strata: list[torch.Tensor], n_boot: int = 1000, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """(value, low, high): the mean over strata of each stratum's mean (every stratum weighs the
+    same, as seeds do in a mean over seeds), with a percentile bootstrap interval that resamples
+    each stratum's pairs within it; the strata themselves are held fixed."""
+    value = sum(float(v.double().mean()) for v in strata) / len(strata)
+    if n_boot <= 0 or any(len(v) < 2 for v in strata):
+        return value, math.nan, math.nan
+    gen = torch.Generator().manual_seed(seed)
+    means = sum(v.double()[torch.randint(0, len(v), (n_boot, len(v)), generator=gen)].mean(1) for v in strata)
+    q = torch.quantile(means / len(strata), torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64))
+    return value, float(q[0]), float(q[1])
+
+
 def summarise(values: dict[str, torch.Tensor], n_boot: int = 1000, level: float = 0.95,
               seed: int = 0) -> dict[str, dict]:
     """{metric: {"value", "ci_low", "ci_high", "n"}} for every per-pair value."""

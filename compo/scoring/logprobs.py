@@ -194,25 +194,27 @@ def check_shared_prompt(model) -> None:
     """Refuse, once per model, a model whose forward gives other log-probs in the shared layout.
 
     The tolerance covers rounding (the two layouts sum attention in other orders): 1e-3
-    nats/token in fp32, 64 ulps of the model's dtype otherwise (bf16 0.5, fp16 0.0625). SmolLM2
+    nats/token in fp32, otherwise 64 ulps of the dtype the output layer computed in during the
+    check (bf16 0.5, fp16 0.0625), which covers autocast and accelerate's mixed precision. SmolLM2
     with SDPA measures 0.006 (bf16), 0.009 (fp16) and 6e-6 (fp32); the same model ignoring the
     mask is off by 8.7 nats/token, ignoring the position ids by 3.6, in every dtype."""
     inner = unwrapped(model)  # checked once, before or inside its DDP / FSDP wrapper
     if inner in _SHARED_OK:
         return
-    param = next(model.parameters())
-    dtype = param.dtype
-    if torch.is_autocast_enabled(param.device.type):
-        dtype = torch.get_autocast_dtype(param.device.type)
-    elif getattr(model, "_original_forward", None) is not None:  # accelerate's autocast wrapper (stage1.mixed_precision)
-        dtype = torch.bfloat16
-    tol = max(1e-3, 64 * torch.finfo(dtype).eps)
     name = type(inner).__name__
+    seen: list[torch.dtype] = []  # the dtype the head computes in, whatever autocast or wrapper set it
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    hook = head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) if head is not None else None
     try:
         err = shared_prompt_error(model)
     except Exception as e:  # noqa: BLE001 - e.g. an attention kernel that takes no 4D mask
         raise UserError("model.share_prompt", f"{name} cannot score a pair in one row "
                         f"({type(e).__name__}: {e}); set model.share_prompt=false") from None
+    finally:
+        if hook is not None:
+            hook.remove()
+    dtype = max(seen, key=lambda d: torch.finfo(d).eps) if seen else next(model.parameters()).dtype
+    tol = max(1e-3, 64 * torch.finfo(dtype).eps)
     if not err <= tol:
         raise UserError("model.share_prompt", f"{name} ignores the 4D attention mask or position ids of a "
                         f"shared-prompt row (log-probs off by {err:.3g} nats/token, tolerance {tol:.3g}); "
