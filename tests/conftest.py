@@ -23,7 +23,7 @@ os.environ["MKL_NUM_THREADS"] = "1"
 # fill in behind them, so both workers finish together instead of one waiting on a long last file.
 SLOW_FILES_FIRST = (
     "test_reliability.py", "test_bad_inputs.py", "test_commstats.py", "test_progress.py", "test_zo_support.py",
-    "test_study.py", "test_judges_api.py", "test_distributed_pipeline.py", "test_stage1_distributed.py",
+    "test_study.py", "test_judges_api.py", "test_judges_stage2.py", "test_distributed_pipeline.py", "test_stage1_distributed.py",
     "test_judges_distributed.py", "test_tracking.py", "test_zo_distributed.py", "test_zo_monitor.py",
     "test_zo_signal.py",
 )
@@ -78,3 +78,46 @@ def toy_reference():
 def toy_pairs():
     train, held = toy.toy_dataset(ToyDataConfig(n_train=64, n_eval=32), seed=0)
     return train, held
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """``serve(flavor, behave=fair)`` starts a fake OpenAI / Anthropic server (tests/fake_llm.py),
+    stopped after the test; the judges' key is in the environment and no proxy is in the way."""
+    from fake_llm import SECRET, FakeLLM, fair
+
+    monkeypatch.setenv("COMPO_TEST_KEY", SECRET)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers = []
+
+    def start(flavor: str, behave=fair):
+        s = FakeLLM(flavor, behave)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def judges():
+    """``judges(flavor, server, cache_path=None, **options)``: an API judge aimed at a fake server,
+    with fast retries; closed after the test."""
+    from oracles.judges import AnthropicJudge, OpenAIJudge
+
+    made = []
+
+    def make(flavor: str, server, cache_path=None, **kw):
+        opts = dict(base_url=server.base_url, api_key_env="COMPO_TEST_KEY", cache_path=cache_path, timeout=5,
+                    max_retries=3, retry_initial=0.01, retry_max_wait=0.05)
+        opts.update(kw)
+        j = (OpenAIJudge if flavor == "openai" else AnthropicJudge)(model=f"{flavor}-judge", **opts)
+        made.append(j)
+        return j
+
+    yield make
+    for j in made:
+        j.close()
