@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,11 @@ def test_study_runs_resumes_and_reports(tmp_path, capsys):
     res = _run(path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cell 1/4 s0_n0_dpo_clean: done earlier, skipping" in res.stdout
+    # the pace: none before this process has run a cell, then from the cells it ran
+    assert re.search(r"study: cell 2/4 s0_n0_compo_projected\n", res.stdout)
+    assert re.search(r"study: cell 3/4 \S+ \(1 cell run here in \d+\S*; about \d+\S* left for 2 at that pace\)",
+                     res.stdout)
+    assert re.search(r"study: cell 4/4 \S+ \(2 cells run here in \S+; about \S+ left for 1 at that pace\)", res.stdout)
     assert "stage2: resumed from" in res.stdout  # the interrupted cell continued from its checkpoint
     assert (root / "cells" / done[0]).stat().st_mtime_ns == first
     assert (stage1_dir / "metrics.jsonl").read_text() == stage1_lines  # stage 1 not redone

@@ -162,7 +162,8 @@ class _TqdmBar(_Bar):
         self.bar.close()
 
 
-def _duration(s: float) -> str:
+def duration(s: float) -> str:
+    """A short wall time: 42s, 3m05s, 2h07m."""
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
@@ -209,10 +210,10 @@ class LineBar(_Bar):
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         speed = (f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}") if rate > 0 else ""
         if final:
-            timing = f"done in {_duration(elapsed)}" + (f", {speed}" if speed else "")
+            timing = f"done in {duration(elapsed)}" + (f", {speed}" if speed else "")
         else:
-            left = f", ~{_duration((self.total - self.n) / rate)} left" if self.total and rate > 0 else ""
-            timing = f"{_duration(elapsed)} elapsed" + (f", {speed}" if speed else "") + left
+            left = f", ~{duration((self.total - self.n) / rate)} left" if self.total and rate > 0 else ""
+            timing = f"{duration(elapsed)} elapsed" + (f", {speed}" if speed else "") + left
         info = " ".join(f"{k}={v}" for k, v in self.postfix.items())
         return f"{self.desc}: {pos}{pct} {timing}" + (f" | {info}" if info else "")
 

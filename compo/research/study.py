@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compo.core import fingerprint
 from compo.core.config import ConfigError, RunConfig, load_config
 from compo.core.errors import UserError
+from compo.core.progress import duration
 from compo.core.rundir import atomic_write_json, atomic_write_text, read_json
 
 #: Method presets: config overrides on top of the study's base config.
@@ -363,15 +365,22 @@ class Runner:
         self.check_recorded()
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / "study.yaml", yaml.safe_dump(self.study.model_dump(mode="json"), sort_keys=False))
-        results = []
+        results, ran, start = [], 0, time.monotonic()
         for i, name in enumerate(self.cells, 1):
             path = self.cell_result(name)
             if path.exists():
                 self.say(f"study: cell {i}/{len(self.cells)} {name}: done earlier, skipping")
                 results.append(read_json(path))
                 continue
-            self.say(f"study: cell {i}/{len(self.cells)} {name}")
+            pace = ""
+            if ran:  # the cells run by this process so far set the pace for the ones left
+                spent = time.monotonic() - start
+                left = sum(1 for n in list(self.cells)[i - 1:] if not self.cell_result(n).exists())
+                pace = (f" ({ran} cell{'s' * (ran > 1)} run here in {duration(spent)}; about "
+                        f"{duration(spent / ran * left)} left for {left} at that pace)")
+            self.say(f"study: cell {i}/{len(self.cells)} {name}{pace}")
             results.append(self.run_cell(name))
+            ran += 1
         write_report(self.root, self.study, results, self.say)
         return results
 
