@@ -18,7 +18,7 @@ from compo.zo.perturb import PerturbationSource
 from compo.zo.trainer import ZOTrainer
 from oracles import GenerationOracle, build_oracle
 from oracles.judges import Judgement, JudgeCache, OpenAIJudge, PairwiseJudge
-from test_judges_api import Act, FakeLLM  # the local OpenAI-wire server of the judge tests
+from fake_llm import Act, FakeLLM  # the local OpenAI-wire server of the judge tests
 
 
 class ScoreJudge(PairwiseJudge):

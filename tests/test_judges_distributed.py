@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from compo.data import toy
 from dist_run import start
-from test_judges_api import Act, FakeLLM, shown_texts
+from fake_llm import Act, FakeLLM, shown_texts
 
 M, CHUNK, PAIRS, STEPS = 12, 3, 2, 3
 

@@ -10,7 +10,7 @@ import pytest
 from oracles.judges import JudgeError, OpenAIJudge, build_judge
 from oracles.judges.openai_judge import is_openai_host, length_fields
 from oracles.options import OptionError
-from test_judges_api import SECRET, Act, FakeLLM
+from fake_llm import SECRET, Act, FakeLLM
 
 LONG = 366  # tokens of the reply when the request carries no bound the server understands
 

@@ -195,14 +195,14 @@ def test_float16_overflow_stops_at_its_step_and_keeps_the_last_good_checkpoint(c
 
 
 def _hash_verdict(n: int, user_text: str):
-    from test_judges_api import Act
+    from fake_llm import Act
 
     return Act("Verdict: B" if hashlib.sha256(user_text.encode()).digest()[0] % 3 else "Verdict: A")
 
 
 @pytest.fixture()
 def judge_server(monkeypatch):
-    from test_judges_api import FakeLLM
+    from fake_llm import FakeLLM
 
     monkeypatch.setenv("COMPO_TEST_KEY", "sk-test-SECRET-987")
     srv = FakeLLM("openai", _hash_verdict)
