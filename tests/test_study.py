@@ -159,6 +159,28 @@ def test_a_second_stage1_run_reuses_the_split_and_its_summary(tmp_path, capsys):
     assert every == clean and clean["wrong_labels_in_noisy"] is not None and clean["n_noisy"] > 0
 
 
+def test_a_run_killed_between_saving_its_model_and_scoring_it_is_scored_on_resume(tmp_path):
+    path = _study(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec.update(noise_rates=[0.3], methods=["dpo_clean", "compo_projected"])
+    path.write_text(yaml.safe_dump(spec))
+    root = tmp_path / "study"
+    assert _run(path, "kill:stage1.saved:1").returncode == -9  # stage 1's model saved, not yet scored
+    stage1_dir = next((root / "runs").glob("s0_n0.3_stage1-*"))
+    assert "stage1" not in json.loads((stage1_dir / "eval_scores.json").read_text())
+    assert _run(path, "kill:stage2.saved:1").returncode == -9  # cell 1 scored; cell 2's stage 2 saved, not scored
+    assert sorted(p.name for p in (root / "cells").glob("*.json")) == ["s0_n0.3_dpo_clean.json"]
+    res = _run(path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "holds the finished stage2; not running it again" in res.stdout
+    for run_dir, stage in ((stage1_dir, "stage1"), (root / "runs" / "s0_n0.3_compo_projected", "stage2")):
+        assert stage in json.loads((run_dir / "eval_scores.json").read_text())
+        steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").open() if json.loads(l)["stage"] == stage]
+        assert steps == sorted(set(steps)) and steps[0] == 1  # each step trained and logged once
+    cell = json.loads((root / "cells" / "s0_n0.3_compo_projected.json").read_text())
+    assert cell["metrics"]["accuracy"]["n"] == 48 and "stage2_effect" in cell
+
+
 def test_study_config_errors_name_the_key(tmp_path, capsys):
     path = _study(tmp_path)
     spec = yaml.safe_load(path.read_text())

@@ -250,8 +250,11 @@ def _run_fingerprints(cfg: RunConfig, run_dir: Path) -> tuple[dict, dict]:
 
 
 def _finished(run_dir: Path, stage: str) -> bool:
-    marker = run_dir / "model" / "compo_stage.json"
-    return marker.exists() and read_json(marker).get("stage") == stage and (run_dir / "eval_scores.json").exists()
+    """True when ``run_dir`` holds ``stage``'s model and its held-out scores (a run killed between
+    saving the model and scoring it has the first without the second: its pipeline still has to run)."""
+    marker, scores = run_dir / "model" / "compo_stage.json", run_dir / "eval_scores.json"
+    return (marker.exists() and read_json(marker).get("stage") == stage and scores.exists()
+            and stage in read_json(scores))
 
 
 class Runner:

@@ -239,6 +239,7 @@ def train_stage1(
     unwrapped = lora.finish(unwrapped, cfg, run, accelerator.is_main_process)  # LoRA: adapter saved, merged
     if accelerator.is_main_process:
         save_model(run.model, unwrapped, tokenizer, "stage1", metrics, state_dict=full)
+        faults.point("stage1.saved")
         run.drop_checkpoints("stage1")
     accelerator.wait_for_everyone()  # model/ is in place before any process reads it
     return metrics
