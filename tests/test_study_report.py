@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from compo.research.study_report import _paired_csv, paired_table, paired_vs_baseline, t_interval
+from compo.research.study_report import (_paired_csv, markdown, paired_table, paired_vs_baseline,
+                                         pooled_stage2_effects, t_interval)
 from compo.scoring.evaluate import bootstrap_means, stratified_mean
 
 
@@ -51,3 +52,28 @@ def test_one_seed_has_no_pooled_row():
     rows = paired_vs_baseline(results, "dpo_all", 100, 0.95)
     assert {r["seed"] for r in rows} == {0}
     assert next(x for x in paired_table(rows, "dpo_all") if x.startswith("| cdpo |")).endswith("|  |")
+
+
+def test_stage2_effect_pooled_over_seeds_from_the_kept_stage1_margins():
+    # seed 0: stage 2 wins pair 0 (+1/4); seed 1: it loses pairs 0 and 1 (-2/4); mean -1/8
+    cells = []
+    for seed, before, after in ((0, [-1.0, 1.0, 1.0, -1.0], [1.0, 1.0, 1.0, -1.0]),
+                                (1, [1.0, 1.0, -1.0, 1.0], [-1.0, -1.0, -1.0, 1.0])):
+        cell = _cell("compo", seed, after)
+        cell["margins"]["stage1"] = before
+        cell.update(split={}, stage="stage2")
+        cells.append(cell)
+    pooled = pooled_stage2_effects(cells + [_cell("dpo_clean", 0, [1.0] * 4)], 500, 0.95)
+    assert list(pooled) == [("compo", "0.4u")]  # cells without stage-1 margins are left out
+    value, lo, hi = pooled["compo", "0.4u"]
+    assert value == pytest.approx(-0.125) and lo <= -0.125 <= hi
+    assert pooled_stage2_effects(cells[:1], 500, 0.95) == {}  # one seed: nothing to pool
+    for c, v in zip(cells, (0.25, -0.5)):
+        c["stage2_effect"] = {k: {"value": v, "ci_low": v, "ci_high": v, "n": 4}
+                              for k in ("accuracy", "shift/chosen", "shift/rejected")}
+    study = type("S", (), {"metrics": [], "noise_kind": "flip", "mixed": lambda self: False,
+                           "settings": lambda self: [(0.4, "uniform")]})()
+    md = markdown(study, cells, [], pooled)
+    line = next(x for x in md.splitlines() if x.startswith("| compo | 0.4u |"))
+    assert line.endswith(f"| -0.1250 [{lo:.4f}, {hi:.4f}] |")
+    assert "mean of seeds [pairs resampled within each seed]" in md

@@ -55,7 +55,9 @@ def cell_metrics(run_dir: Path, stage: str, cfg: RunConfig) -> dict:
            "split": split, "stage2": stage2, "margins": margins,
            "tracks": tracks_of(run_dir / "metrics.jsonl") if stage == "stage2" else []}
     if stage == "stage2" and "stage1" in saved:
-        out["stage2_effect"] = stage2_effect(PairScores.from_json(saved["stage1"]), fin, ref, cfg)
+        before = PairScores.from_json(saved["stage1"])
+        out["stage2_effect"] = stage2_effect(before, fin, ref, cfg)
+        margins["stage1"] = (before.chosen.double() - before.rejected.double()).tolist()  # pools the effect over seeds
     return out
 
 
@@ -116,9 +118,10 @@ def _num(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def markdown(study, results: list[dict], rows: list[dict]) -> str:
-    """study.md: one table per metric (methods x noise rates, mean [interval]) and the split's
-    label quality per noise rate."""
+def markdown(study, results: list[dict], rows: list[dict], pooled: dict | None = None) -> str:
+    """study.md: one table per metric (methods x noise rates, mean [interval]), stage 2's own
+    effect (with ``pooled``, see :func:`pooled_stage2_effects`, its accuracy over seeds with the
+    pairs resampled) and the split's label quality per noise rate."""
     methods = list(dict.fromkeys(r["method"] for r in results))
     rates = list(dict.fromkeys(cond(r) for r in results))
     seeds = sorted(dict.fromkeys(r["seed"] for r in results))
@@ -140,16 +143,20 @@ def markdown(study, results: list[dict], rows: list[dict]) -> str:
     effects = [dict(r, metrics=r["stage2_effect"]) for r in results if r.get("stage2_effect")]
     if effects:
         erows = {(e["method"], e["condition"], e["metric"]): e for e in aggregate(effects, list(EFFECT_KEYS))}
+        pooled = pooled or {}
+        extra = ["delta accuracy, mean of seeds [pairs resampled within each seed]"] if pooled else []
         out += ["## Stage 2's own effect (after stage 2 minus after stage 1, same held-out pairs, paired interval)", "",
-                "| method | noise | " + " | ".join(f"delta {k}" for k in EFFECT_KEYS) + " |",
-                "|---|---|" + "---|" * len(EFFECT_KEYS)]
+                "| method | noise | " + " | ".join([f"delta {k}" for k in EFFECT_KEYS] + extra) + " |",
+                "|---|---|" + "---|" * (len(EFFECT_KEYS) + len(extra))]
+        num = lambda v, lo, hi: f"{_num(v, 4)} [{_num(lo, 4)}, {_num(hi, 4)}]"  # noqa: E731
         for m in dict.fromkeys(e["method"] for e in effects):
             for rate in rates:
                 cells = [erows.get((m, rate, k)) for k in EFFECT_KEYS]
                 if any(cells):
-                    out.append(f"| {m} | {rate} | " + " | ".join(
-                        "" if c is None else f"{_num(c['mean'], 4)} [{_num(c['ci_low'], 4)}, {_num(c['ci_high'], 4)}]"
-                        for c in cells) + " |")
+                    shown = ["" if c is None else num(c["mean"], c["ci_low"], c["ci_high"]) for c in cells]
+                    if pooled:
+                        shown.append(num(*pooled[m, rate]) if (m, rate) in pooled else "")
+                    out.append(f"| {m} | {rate} | " + " | ".join(shown) + " |")
         out.append("")
     out += ["## Split quality (share of correct labels among noisy vs clean pairs)", "",
             "| noise | seed | n_noisy | n_clean | correct (noisy) | correct (clean) | wrong labels in noisy |", "|---|---|---|---|---|---|---|"]
@@ -219,6 +226,20 @@ def paired_vs_baseline(results: list[dict], baseline: str, n_boot: int, level: f
             rows.append({"cell": f"pooled_{_slug(label)}_{method}", **head, "seed": "pooled", "metric": k,
                          "value": value, "ci_low": lo, "ci_high": hi, "n": sum(len(d) for _, d in by_seed)})
     return rows
+
+
+def pooled_stage2_effects(results: list[dict], n_boot: int, level: float) -> dict[tuple[str, str], tuple]:
+    """(method, noise setting) -> (value, low, high): stage 2's own accuracy effect as the mean
+    over two or more seeds of each seed's paired difference, its interval from the held-out pairs
+    resampled within each seed (cells that kept their stage-1 margins)."""
+    strata: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
+    for r in results:
+        if "stage1" in r.get("margins", {}):
+            before = torch.tensor(r["margins"]["stage1"], dtype=torch.float64) > 0
+            diff = _per_pair(r)["accuracy"] - before.double()
+            strata.setdefault((r["method"], cond(r)), []).append((r["seed"], diff))
+    return {k: stratified_mean([d for _, d in v], n_boot, level, min(s for s, _ in v))
+            for k, v in strata.items() if len(v) >= 2}
 
 
 def paired_table(rows: list[dict], baseline: str) -> list[str]:
@@ -293,10 +314,11 @@ def write_report(root: Path, study, results: list[dict], say=print) -> dict:
     """study.csv (one row per cell and metric), study.md and plots/*.png."""
     rows = aggregate(results, study.metrics)
     atomic_write_text(root / "study.csv", _csv(results))
-    md = markdown(study, results, rows)
+    fp = results[0].get("fingerprint") or {}
+    n_boot, level = fp.get("eval.bootstrap", 1000), fp.get("eval.level", 0.95)
+    md = markdown(study, results, rows, pooled_stage2_effects(results, n_boot, level))
     if study.baseline:
-        fp = results[0].get("fingerprint") or {}
-        paired = paired_vs_baseline(results, study.baseline, fp.get("eval.bootstrap", 1000), fp.get("eval.level", 0.95))
+        paired = paired_vs_baseline(results, study.baseline, n_boot, level)
         atomic_write_text(root / "paired.csv", _paired_csv(paired))
         md += "\n".join(paired_table(paired, study.baseline)) + "\n"
         for r in paired:
