@@ -204,6 +204,12 @@ def _per_pair(cell: dict) -> dict[str, torch.Tensor]:
     return {"accuracy": (fin > 0).double(), "rewards/accuracies": (fin > ref).double()}
 
 
+def _over_seeds(by_seed: list[tuple[int, torch.Tensor]], n_boot: int, level: float) -> tuple[float, float, float]:
+    """(value, low, high): the mean over seeds of per-pair differences, the pairs resampled within
+    each seed (seeded by the first seed)."""
+    return stratified_mean([d for _, d in by_seed], n_boot, level, min(s for s, _ in by_seed))
+
+
 def paired_vs_baseline(results: list[dict], baseline: str, n_boot: int, level: float) -> list[dict]:
     """Per (method, noise setting, seed): the method minus ``baseline`` on the same held-out pairs,
     with a paired bootstrap interval (the pairs resampled together, seeded by the seed)."""
@@ -221,8 +227,8 @@ def paired_vs_baseline(results: list[dict], baseline: str, n_boot: int, level: f
             rows.append({"cell": r["cell"], **head, "seed": r["seed"], "metric": k, **v})
             strata.setdefault((r["method"], cond(r), k), (head, []))[1].append((r["seed"], diff[k]))
     for (method, label, k), (head, by_seed) in strata.items():
-        if len(by_seed) >= 2:  # the mean over seeds, its pairs resampled within each seed
-            value, lo, hi = stratified_mean([d for _, d in by_seed], n_boot, level, min(s for s, _ in by_seed))
+        if len(by_seed) >= 2:
+            value, lo, hi = _over_seeds(by_seed, n_boot, level)
             rows.append({"cell": f"pooled_{_slug(label)}_{method}", **head, "seed": "pooled", "metric": k,
                          "value": value, "ci_low": lo, "ci_high": hi, "n": sum(len(d) for _, d in by_seed)})
     return rows
@@ -238,8 +244,7 @@ def pooled_stage2_effects(results: list[dict], n_boot: int, level: float) -> dic
             before = torch.tensor(r["margins"]["stage1"], dtype=torch.float64) > 0
             diff = _per_pair(r)["accuracy"] - before.double()
             strata.setdefault((r["method"], cond(r)), []).append((r["seed"], diff))
-    return {k: stratified_mean([d for _, d in v], n_boot, level, min(s for s, _ in v))
-            for k, v in strata.items() if len(v) >= 2}
+    return {k: _over_seeds(v, n_boot, level) for k, v in strata.items() if len(v) >= 2}
 
 
 def paired_table(rows: list[dict], baseline: str) -> list[str]:
